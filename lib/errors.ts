@@ -1,0 +1,153 @@
+/**
+ * A small typed error hierarchy shared by the whole package.
+ *
+ * Every error the library raises on purpose is a {@link DiffusionFeaturesError} with a stable
+ * machine-readable {@link DiffusionFeaturesError.code | code}, so callers (the CLI, a service) can
+ * tell "bad input" from "bug" without parsing messages. Messages always name the offending file,
+ * id or argument.
+ *
+ * @module
+ */
+
+/** Stable error codes. New codes may be added; existing ones keep their meaning. */
+export type ErrorCode =
+  /** A file is missing or cannot be read. */
+  | 'E_FILE_NOT_FOUND'
+  /** A file exists but its content is malformed (corrupt safetensors, bad JSON, truncated image…). */
+  | 'E_INVALID_FILE'
+  /** An image cannot be decoded (not an image, truncated, zero bytes). */
+  | 'E_IMAGE_DECODE'
+  /** An unknown layer id or malformed layer configuration. */
+  | 'E_UNKNOWN_LAYER'
+  /** A caller-supplied argument is out of range or of the wrong kind. */
+  | 'E_INVALID_ARGUMENT'
+  /** A tensor name was requested that a file does not hold. */
+  | 'E_NOT_FOUND'
+  /** A weights folder is incomplete or was written by an incompatible version. */
+  | 'E_INCOMPATIBLE_MODEL'
+  /** The operation was aborted through an AbortSignal. */
+  | 'E_ABORTED'
+  /** Writing an output failed (nothing partial is left behind). */
+  | 'E_WRITE_FAILED';
+
+/** Base class of every error the library throws deliberately. */
+export class DiffusionFeaturesError extends Error {
+  /** Stable, machine-readable error code. */
+  readonly code: ErrorCode;
+
+  /**
+   * @param code stable error code
+   * @param message human-readable message (names the file / id / argument concerned)
+   * @param options standard `ErrorOptions` (e.g. `{ cause }`)
+   */
+  constructor(code: ErrorCode, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.code = code;
+    this.name = new.target.name;
+  }
+}
+
+/** A file's content is malformed (safetensors, npy, JSON config, tokenizer files…). */
+export class InvalidFileError extends DiffusionFeaturesError {
+  /** Path (or description) of the offending file. */
+  readonly file: string;
+
+  /**
+   * @param file path or description of the file
+   * @param problem what is wrong with it
+   * @param options standard `ErrorOptions`
+   */
+  constructor(file: string, problem: string, options?: ErrorOptions) {
+    super('E_INVALID_FILE', `${file}: ${problem}`, options);
+    this.file = file;
+  }
+}
+
+/** A required file does not exist or cannot be opened. */
+export class FileNotFoundError extends DiffusionFeaturesError {
+  /** Path of the missing file. */
+  readonly file: string;
+
+  /**
+   * @param file path of the missing file
+   * @param detail optional extra explanation
+   * @param options standard `ErrorOptions`
+   */
+  constructor(file: string, detail?: string, options?: ErrorOptions) {
+    super('E_FILE_NOT_FOUND', `${file}: ${detail ?? 'file not found'}`, options);
+    this.file = file;
+  }
+}
+
+/** An image could not be decoded. */
+export class ImageDecodeError extends DiffusionFeaturesError {
+  /** Path or name of the image. */
+  readonly file: string;
+
+  /**
+   * @param file path or name of the image
+   * @param problem what went wrong
+   * @param options standard `ErrorOptions`
+   */
+  constructor(file: string, problem: string, options?: ErrorOptions) {
+    super('E_IMAGE_DECODE', `${file}: ${problem}`, options);
+    this.file = file;
+  }
+}
+
+/** One or more layer ids are unknown, or a layer configuration is malformed. */
+export class UnknownLayerError extends DiffusionFeaturesError {
+  /** The offending ids (empty when the configuration itself is malformed). */
+  readonly ids: string[];
+
+  /**
+   * @param message full message (names the ids and suggests close matches)
+   * @param ids the unknown ids
+   */
+  constructor(message: string, ids: string[] = []) {
+    super('E_UNKNOWN_LAYER', message);
+    this.ids = ids;
+  }
+}
+
+/** A caller-supplied argument is invalid. */
+export class InvalidArgumentError extends DiffusionFeaturesError {
+  /**
+   * @param message what is wrong (names the argument)
+   * @param options standard `ErrorOptions`
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super('E_INVALID_ARGUMENT', message, options);
+  }
+}
+
+/** A named entry (tensor, component) is not present. */
+export class NotFoundError extends DiffusionFeaturesError {
+  /**
+   * @param message what is missing and where
+   */
+  constructor(message: string) {
+    super('E_NOT_FOUND', message);
+  }
+}
+
+/** Writing an output file failed; no partial file was left behind. */
+export class WriteError extends DiffusionFeaturesError {
+  /** Destination path. */
+  readonly file: string;
+
+  /**
+   * @param file destination path
+   * @param problem what went wrong
+   * @param options standard `ErrorOptions`
+   */
+  constructor(file: string, problem: string, options?: ErrorOptions) {
+    super('E_WRITE_FAILED', `${file}: ${problem}`, options);
+    this.file = file;
+  }
+}
+
+/** Narrowing helper: is `e` one of this library's errors (optionally with a given code)? */
+export function isDiffusionFeaturesError(e: unknown, code?: ErrorCode): e is DiffusionFeaturesError {
+  return e instanceof DiffusionFeaturesError && (code === undefined || e.code === code);
+}
