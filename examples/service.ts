@@ -16,7 +16,10 @@
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
-import { loadPipeline, encodeFeatures, type Pipeline, type ExtractOptions } from '../lib/index.js';
+import { loadPipeline, encodeFeatures, isDiffusionFeaturesError, type Pipeline, type ExtractOptions } from '../lib/index.js';
+
+/** Error codes that mean the request was bad (400), not the server (500). */
+const CLIENT_ERRORS = new Set(['E_IMAGE_DECODE', 'E_UNKNOWN_LAYER', 'E_INVALID_ARGUMENT', 'E_INVALID_FILE']);
 
 export interface ServiceOptions {
   weights: string;
@@ -129,8 +132,7 @@ export async function startService(opts: ServiceOptions): Promise<Service> {
       if (body.length === 0) throw new BadRequest('empty body: send the image bytes');
       const bytes = await limiter.run(async () => {
         const [result] = await pipeline.extract([{ name: 'upload', data: body }], options).catch((err: unknown) => {
-          const msg = err instanceof Error ? err.message : String(err);
-          if (/image|decode|unsupported|corrupt|truncat|unknown layer|layer id/i.test(msg)) throw new BadRequest(msg);
+          if (isDiffusionFeaturesError(err) && CLIENT_ERRORS.has(err.code)) throw new BadRequest(err.message);
           throw err;
         });
         try {

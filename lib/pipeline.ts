@@ -108,7 +108,7 @@ export interface ExtractOptions {
   denoiseFrom?: number;
   /** Denoising scheduler: `'plms'` (default, reference) or `'ddim'`. */
   scheduler?: 'plms' | 'ddim';
-  /** Images are resized to size×size (default 512). */
+  /** Images are resized to size×size (default: the model's `default_size` from model.json, 512 for SD1.5). */
   size?: number;
   /** Images per model call (default 1). */
   batchSize?: number;
@@ -434,7 +434,7 @@ export class Pipeline {
   /** @internal Validates options and resolves layers, attention maps and timesteps. */
   async plan(images: readonly ImageInput[], o: ExtractOptions): Promise<Plan> {
     if (!Array.isArray(images) || images.length === 0) throw new InvalidArgumentError('extract: give at least one image');
-    const size = o.size ?? 512;
+    const size = o.size ?? this.defaultSize();
     checkInt('size', size, 64, 4096);
     if (size % 64 !== 0) throw new InvalidArgumentError(`size must be a multiple of 64, got ${size}`);
     const t = o.t ?? 50;
