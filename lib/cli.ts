@@ -91,7 +91,7 @@ interface ExtractCli {
   loraTextEncoder?: boolean;
   device: Device;
   dtype: 'auto' | 'float32' | 'float16';
-  size: number;
+  size?: number;
   batchSize: number;
   featureResize: number;
   aggregate?: boolean;
@@ -251,7 +251,7 @@ program
   .option('--lora-text-encoder', 'also apply the text-encoder part of the LoRA files')
   .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('auto'))
   .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
-  .option('--size <n>', 'images are resized to N×N', intArg('--size'), 512)
+  .option('--size <n>', 'images are resized to N×N (default: the default_size of model.json, 512 for SD1.5)', intArg('--size'))
   .option('--batch-size <n>', 'images per model call', intArg('--batch-size'), 1)
   .option('--feature-resize <r>', 'average-pool features by r', intArg('--feature-resize'), 1)
   .option('--aggregate', 'also store `packaged`: all features resized to the largest and concatenated (GATE_SPEC §3.5)')
