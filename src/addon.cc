@@ -1,0 +1,89 @@
+// Entry point of the diffusion-features addon: registers RawTensor, RawModule and the device helpers.
+#include <atomic>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <torch/cuda.h>
+#include <torch/version.h>
+#include <napi.h>
+
+#include "errors.h"
+#include "module.h"
+#include "tensor.h"
+#include "workers.h"
+
+namespace df {
+
+static std::atomic<int> g_threads_generation{0};
+
+void SyncThreadSettings() {
+  thread_local int seen = -1;
+  int gen = g_threads_generation.load();
+  if (seen != gen) {
+    at::init_num_threads();
+    seen = gen;
+  }
+}
+
+static Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), Guard(info.Env(), "cudaAvailable", [] { return torch::cuda::is_available(); }));
+}
+
+static Napi::Value DeviceCount(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), Guard(info.Env(), "deviceCount", [] { return double(torch::cuda::device_count()); }));
+}
+
+static Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber() || info[0].As<Napi::Number>().Int32Value() < 1)
+    throw MakeError(env, "setNumThreads(n): n must be a positive integer", "E_INVALID_ARGUMENT");
+  int n = info[0].As<Napi::Number>().Int32Value();
+  Guard(env, "setNumThreads", [n] {
+    at::set_num_threads(n);
+    return 0;
+  });
+  g_threads_generation++;
+  return env.Undefined();
+}
+
+static Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), at::get_num_threads());
+}
+
+static Napi::Value LibtorchVersion(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), TORCH_VERSION);
+}
+
+static Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("torchVersion", TORCH_VERSION);
+#ifdef DF_WITH_CUDA
+  o.Set("cuda", true);
+#else
+  o.Set("cuda", false);
+#endif
+  o.Set("napiVersion", NAPI_VERSION);
+  o.Set("parallel", at::get_parallel_info());
+  return o;
+}
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData<AddonData>(new AddonData());  // owned and deleted by the env
+  exports.Set("RawTensor", TensorWrap::Init(env));
+  exports.Set("RawModule", ModuleWrap::Init(env));
+  exports.Set("loadModule", Napi::Function::New(env, ModuleWrap::Load, "loadModule"));
+  exports.Set("cudaAvailable", Napi::Function::New(env, CudaAvailable, "cudaAvailable"));
+  exports.Set("deviceCount", Napi::Function::New(env, DeviceCount, "deviceCount"));
+  exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
+  exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  exports.Set("libtorchVersion", Napi::Function::New(env, LibtorchVersion, "libtorchVersion"));
+  exports.Set("buildInfo", Napi::Function::New(env, BuildInfo, "buildInfo"));
+  return exports;
+}
+
+}  // namespace df
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) { return df::Init(env, exports); }
+
+NODE_API_MODULE(diffusion_features, InitAddon)
