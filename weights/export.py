@@ -232,15 +232,18 @@ def _fmt_keys(keys: List[str], limit: int = 40) -> str:
     return s + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_strict(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, source: str) -> None:
-    """load_state_dict(strict) with an error that lists missing, unexpected and mis-shaped keys."""
-    want = module.state_dict()
+def load_strict(modules: List[torch.nn.Module], sd: Dict[str, torch.Tensor], what: str, source: str) -> None:
+    """Strict load of `sd` into the union of the modules' state dicts (disjoint names), with an error that
+    lists missing, unexpected and mis-shaped keys."""
+    want: Dict[str, torch.Tensor] = {}
+    for m in modules:
+        want.update(m.state_dict())
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
     misshaped = [f"{k} (file {list(sd[k].shape)}, model {list(want[k].shape)})"
                  for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
     nonfloat = [f"{k} ({sd[k].dtype})" for k in want if k in sd and want[k].is_floating_point()
-                and not (sd[k].is_floating_point())]
+                and not sd[k].is_floating_point()]
     if missing or unexpected or misshaped or nonfloat:
         parts = []
         if missing:
@@ -272,24 +275,21 @@ def build_modules(component: str, config: dict, sd: Dict[str, torch.Tensor], sou
                   ) -> List[Tuple[str, torch.nn.Module]]:
     """[(file stem, eager module with the weights loaded)] for one component."""
     if component == "vae":
-        from weights.vae import VaeDecoder, VaeEncoder, split_state_dict
-        enc_sd, dec_sd, rest = split_state_dict(sd)
+        from weights.vae import VaeDecoder, VaeEncoder, normalize_state_dict
         with fast_init():
             enc, dec = VaeEncoder(config), VaeDecoder(config)
-        enc_sd.update(rest)  # anything else is reported as unexpected
-        load_strict(enc, enc_sd, "vae (encoder.*, quant_conv.*)", source)
-        load_strict(dec, dec_sd, "vae (decoder.*, post_quant_conv.*)", source)
+        load_strict([enc, dec], normalize_state_dict(sd), "vae", source)
         return [("vae_encoder", enc), ("vae_decoder", dec)]
     if component == "text_encoder":
         from weights.clip import ClipTextModel, clean_state_dict
         with fast_init():
             m = ClipTextModel(config)
-        load_strict(m, clean_state_dict(sd), "text_encoder", source)
+        load_strict([m], clean_state_dict(sd), "text_encoder", source)
         return [("text_encoder", m)]
     ctor: Callable = {"unet": _unet, "controlnet": _controlnet}[component]
     with fast_init():
         m = ctor(config)
-    load_strict(m, sd, component, source)
+    load_strict([m], sd, component, source)
     return [(component, m)]
 
 
