@@ -1,0 +1,68 @@
+/** Raw surface of the diffusion-features addon (see lib/native.ts for the typed, documented API). */
+
+export type RawDType = 'float32' | 'float16' | 'bfloat16' | 'float64' | 'int64' | 'int32' | 'int16' | 'int8' | 'uint8' | 'bool';
+
+export interface RawTensor {
+  shape(): number[];
+  dtype(): RawDType;
+  device(): string;
+  disposed(): boolean;
+  /** Resolves to a new handle (may share storage when nothing changes). device must be resolved ('cpu', 'cuda:0'). */
+  to(device: string, dtype?: RawDType | null): Promise<RawTensor>;
+  /** Zero-copy view for CPU float32 contiguous tensors, else one converted copy handed over the same way. */
+  toFloat32Array(): Float32Array;
+  toArray(): number[];
+  sameStorage(other: RawTensor): boolean;
+  dispose(): void;
+}
+
+export interface RawTensorStatic {
+  /** Copies `data` into a new CPU tensor. Float32Array→float32, Float64Array→float64, BigInt64Array→int64,
+   *  Int32Array→int32, Uint8Array→uint8|bool. */
+  fromTypedArray(data: Float32Array | Float64Array | BigInt64Array | Int32Array | Uint8Array, shape: readonly number[], dtype: RawDType): RawTensor;
+  randn(shape: readonly number[], seed: bigint, device: string, dtype: RawDType | null): Promise<RawTensor>;
+  new (...args: never[]): RawTensor;
+}
+
+export interface RawParameterInfo { name: string; shape: number[]; dtype: RawDType }
+
+export interface RawModule {
+  /** Arguments are converted by the method's TorchScript schema; raw tensors inside results are RawTensor. */
+  call(method: string, args: unknown[]): Promise<unknown>;
+  methods(): string[];
+  /** "forward(x: Tensor, n: int = 3) -> Tensor" */
+  schema(method?: string): string;
+  parameters(): RawParameterInfo[];
+  buffers(): RawParameterInfo[];
+  getParameter(name: string): Promise<RawTensor>;
+  setParameter(name: string, value: RawTensor): Promise<void>;
+  device(): string;
+  dtype(): RawDType | null;
+  path(): string;
+  disposed(): boolean;
+  dispose(): void;
+}
+
+export interface RawAddon {
+  RawTensor: RawTensorStatic;
+  RawModule: { new (...args: never[]): RawModule };
+  loadModule(path: string, device: string, dtype: RawDType | null): Promise<RawModule>;
+  cudaAvailable(): boolean;
+  deviceCount(): number;
+  setNumThreads(n: number): void;
+  getNumThreads(): number;
+  libtorchVersion(): string;
+  buildInfo(): { torchVersion: string; cuda: boolean; napiVersion: number; parallel: string };
+}
+
+export class NativeLoadError extends Error {
+  readonly code: 'E_NATIVE_LOAD';
+  readonly reasons: string[];
+}
+
+/** Loads (once per process, after a child-process test load) and returns the raw addon. */
+export function load(): RawAddon;
+/** Path of the loaded binary, or null before load(). */
+export function binaryPath(): string | null;
+export function candidates(): string[];
+export function testLoad(file: string): { ok: true } | { ok: false; reason: string };

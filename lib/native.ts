@@ -1,0 +1,496 @@
+/**
+ * The native layer: typed wrappers over the libtorch Node-API addon (`src/`, loaded by `binding/`).
+ *
+ * - {@link Tensor}: a handle on one libtorch tensor. CPU float32 contiguous tensors are handed to JS
+ *   without a copy ({@link Tensor.toFloat32Array}).
+ * - {@link ScriptModule}: a TorchScript module; calls run on the libuv thread pool and return Promises,
+ *   arguments are converted by the method's TorchScript schema.
+ * - Device helpers: {@link cudaAvailable}, {@link deviceCount}, {@link resolveDevice},
+ *   {@link setNumThreads}, {@link libtorchVersion}.
+ *
+ * Native resources are released by `dispose()` (or `using`); a FinalizationRegistry frees whatever is
+ * garbage-collected without having been disposed, as a safety net only (GC timing is not memory pressure
+ * aware for GPU memory: dispose explicitly).
+ *
+ * Every error thrown or rejected by this module is a {@link NativeError} (a `DiffusionFeaturesError`) with
+ * a `code`: `E_INVALID_ARGUMENT`, `E_FILE_NOT_FOUND`, `E_INVALID_FILE`, `E_NOT_FOUND`, `E_DISPOSED`,
+ * `E_TORCH` (libtorch raised; the message is libtorch's, without C++ backtrace) or `E_NATIVE_LOAD`.
+ *
+ * @module
+ */
+import { createRequire } from 'node:module';
+import type { RawAddon, RawDType, RawModule, RawTensor } from '../binding/index.cjs';
+import { DiffusionFeaturesError, type ErrorCode } from './errors.js';
+
+/** A device name. `'auto'` means `'cuda:0'` when CUDA is available, else `'cpu'`. */
+export type Device = 'cpu' | 'cuda' | `cuda:${number}` | 'auto';
+/** Tensor element types supported across the boundary. */
+export type DType = 'float32' | 'float16' | 'bfloat16' | 'float64' | 'int64' | 'int32' | 'uint8' | 'bool';
+/** A value passed to / returned from a TorchScript method. */
+export type IValue = Tensor | number | boolean | string | null | undefined | IValue[] | { [k: string]: IValue };
+
+/** Error raised by the native layer. `code` is one of the codes listed in the module documentation. */
+export class NativeError extends DiffusionFeaturesError {
+  constructor(code: string, message: string, options?: ErrorOptions) {
+    super(code as ErrorCode, message, options);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ addon
+interface BindingModule {
+  load(): RawAddon;
+  binaryPath(): string | null;
+}
+const requireHere = createRequire(import.meta.url);
+let binding: BindingModule | undefined;
+let addonCache: RawAddon | undefined;
+
+/** The raw addon, loaded on first use (so importing the library never fails for lack of the binary). */
+function addon(): RawAddon {
+  if (addonCache) return addonCache;
+  binding ??= requireHere('../binding/index.cjs') as BindingModule;
+  try {
+    addonCache = binding.load();
+  } catch (err) {
+    throw toError(err);
+  }
+  return addonCache;
+}
+
+/** Path of the loaded native binary (loads it if needed). */
+export function nativeBinaryPath(): string {
+  addon();
+  return binding!.binaryPath()!;
+}
+
+/** Build facts of the loaded addon: libtorch version, whether it was built with CUDA, ATen's parallel info. */
+export function nativeBuildInfo(): { torchVersion: string; cuda: boolean; napiVersion: number; parallel: string } {
+  return addon().buildInfo();
+}
+
+function toError(err: unknown): Error {
+  if (err instanceof DiffusionFeaturesError) return err;
+  if (err instanceof Error) {
+    const code = typeof (err as { code?: unknown }).code === 'string' ? (err as unknown as { code: string }).code : 'E_TORCH';
+    return new NativeError(code, err.message, { cause: err });
+  }
+  return new NativeError('E_TORCH', String(err));
+}
+
+/** Calls `fn`, converting native errors to {@link NativeError}. */
+function native<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw toError(err);
+  }
+}
+
+async function nativeAsync<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    throw toError(err);
+  }
+}
+
+function invalid(message: string): NativeError {
+  return new NativeError('E_INVALID_ARGUMENT', message);
+}
+
+// ------------------------------------------------------------------------------------------ devices
+/** Whether libtorch sees a usable CUDA device (false with a CPU-only libtorch). */
+export function cudaAvailable(): boolean {
+  return native(() => addon().cudaAvailable());
+}
+
+/** Number of CUDA devices libtorch sees (0 without CUDA). */
+export function deviceCount(): number {
+  return native(() => addon().deviceCount());
+}
+
+/**
+ * Resolves a {@link Device} to a concrete libtorch device name: `'auto'` → `'cuda:0'` if CUDA is available,
+ * else `'cpu'`; `'cuda'` → `'cuda:0'`. Throws (E_INVALID_ARGUMENT) for CUDA when it is not available, for an
+ * index beyond {@link deviceCount}, and for anything that is not a device name.
+ */
+export function resolveDevice(d: Device): string {
+  if (d === 'cpu') return 'cpu';
+  if (d === 'auto') return cudaAvailable() ? 'cuda:0' : 'cpu';
+  const m = typeof d === 'string' ? /^cuda(?::(\d+))?$/.exec(d) : null;
+  if (!m) throw invalid(`invalid device '${String(d)}' (expected 'cpu', 'cuda', 'cuda:N' or 'auto')`);
+  const index = m[1] === undefined ? 0 : Number(m[1]);
+  const n = deviceCount();
+  if (n === 0) {
+    throw invalid(`device '${d}' requested but CUDA is not available (libtorch ${libtorchVersion()}` +
+      `${nativeBuildInfo().cuda ? '' : ', addon built without CUDA'}); use 'cpu' or 'auto'`);
+  }
+  if (index >= n) throw invalid(`device '${d}' requested but only ${n} CUDA device(s) are available (cuda:0..cuda:${n - 1})`);
+  return `cuda:${index}`;
+}
+
+/** Sets libtorch's intra-op thread count (at::set_num_threads). Set on load to the core count unless OMP_NUM_THREADS is set. */
+export function setNumThreads(n: number): void {
+  if (!Number.isInteger(n) || n < 1) throw invalid(`setNumThreads(n): n must be a positive integer, got ${n}`);
+  native(() => addon().setNumThreads(n));
+}
+
+/** libtorch's intra-op thread count. */
+export function getNumThreads(): number {
+  return native(() => addon().getNumThreads());
+}
+
+/** The libtorch version the addon was compiled against (e.g. '1.13.0'). */
+export function libtorchVersion(): string {
+  return native(() => addon().libtorchVersion());
+}
+
+// ------------------------------------------------------------------------------------------ Tensor
+const DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'uint8', 'bool'];
+
+function checkDType(dtype: DType | undefined, what: string): RawDType | null {
+  if (dtype === undefined) return null;
+  if (!DTYPES.includes(dtype)) throw invalid(`${what}: unknown dtype '${String(dtype)}' (expected ${DTYPES.join(', ')})`);
+  return dtype;
+}
+
+function checkShape(shape: readonly number[], length: number, what: string): number[] {
+  if (!Array.isArray(shape) || shape.some((s) => !Number.isInteger(s) || s < 0)) {
+    throw invalid(`${what}: shape must be an array of non-negative integers, got ${JSON.stringify(shape)}`);
+  }
+  const n = shape.reduce((a, b) => a * b, 1);
+  if (length >= 0 && n !== length) throw invalid(`${what}: data has ${length} elements but shape [${shape.join(', ')}] needs ${n}`);
+  return [...shape];
+}
+
+const tensorRegistry = new FinalizationRegistry<RawTensor>((raw) => {
+  try {
+    raw.dispose();
+  } catch {
+    /* already gone */
+  }
+});
+
+let wrapTensor: (raw: RawTensor) => Tensor;
+let rawTensorOf: (t: Tensor, what: string) => RawTensor;
+
+/**
+ * A handle on one libtorch tensor (CPU or CUDA). Tensors are immutable from JS except through the
+ * zero-copy view of {@link Tensor.toFloat32Array}. Release with {@link Tensor.dispose} (or `using`).
+ */
+export class Tensor {
+  #raw: RawTensor | null;
+  #shape: number[] | undefined;
+  #dtype: DType | undefined;
+  #device: string | undefined;
+
+  static {
+    wrapTensor = (raw) => new Tensor(raw);
+    rawTensorOf = (t, what) => {
+      if (!(t instanceof Tensor)) throw invalid(`${what} must be a Tensor`);
+      if (t.#raw === null) throw new NativeError('E_DISPOSED', `${what}: Tensor has been disposed (use after dispose())`);
+      return t.#raw;
+    };
+  }
+
+  private constructor(raw: RawTensor) {
+    this.#raw = raw;
+    tensorRegistry.register(this, raw, this);
+  }
+
+  #live(what: string): RawTensor {
+    if (this.#raw === null) throw new NativeError('E_DISPOSED', `Tensor.${what}: Tensor has been disposed (use after dispose())`);
+    return this.#raw;
+  }
+
+  /** A new CPU float32 tensor holding a copy of `data` (later changes to `data` are not seen by the tensor). */
+  static fromFloat32Array(data: Float32Array, shape: readonly number[]): Tensor {
+    if (!(data instanceof Float32Array)) throw invalid('Tensor.fromFloat32Array(data): data must be a Float32Array');
+    const s = checkShape(shape, data.length, 'Tensor.fromFloat32Array');
+    return new Tensor(native(() => addon().RawTensor.fromTypedArray(data, s, 'float32')));
+  }
+
+  /** A new CPU int64 tensor (copy). Plain numbers must be safe integers. */
+  static fromInt64Array(data: BigInt64Array | readonly number[], shape: readonly number[]): Tensor {
+    let arr: BigInt64Array;
+    if (data instanceof BigInt64Array) arr = data;
+    else if (Array.isArray(data)) {
+      arr = new BigInt64Array(data.length);
+      data.forEach((v, i) => {
+        if (!Number.isSafeInteger(v)) throw invalid(`Tensor.fromInt64Array: element ${i} (${v}) is not a safe integer`);
+        arr[i] = BigInt(v);
+      });
+    } else throw invalid('Tensor.fromInt64Array(data): data must be a BigInt64Array or an array of integers');
+    const s = checkShape(shape, arr.length, 'Tensor.fromInt64Array');
+    return new Tensor(native(() => addon().RawTensor.fromTypedArray(arr, s, 'int64')));
+  }
+
+  /** A new CPU int32 tensor (copy). */
+  static fromInt32Array(data: Int32Array, shape: readonly number[]): Tensor {
+    if (!(data instanceof Int32Array)) throw invalid('Tensor.fromInt32Array(data): data must be an Int32Array');
+    const s = checkShape(shape, data.length, 'Tensor.fromInt32Array');
+    return new Tensor(native(() => addon().RawTensor.fromTypedArray(data, s, 'int32')));
+  }
+
+  /** A new CPU uint8 tensor (copy), e.g. H×W×3 image bytes. */
+  static fromUint8Array(data: Uint8Array, shape: readonly number[]): Tensor {
+    if (!(data instanceof Uint8Array)) throw invalid('Tensor.fromUint8Array(data): data must be a Uint8Array');
+    const s = checkShape(shape, data.length, 'Tensor.fromUint8Array');
+    return new Tensor(native(() => addon().RawTensor.fromTypedArray(data, s, 'uint8')));
+  }
+
+  /**
+   * Standard-normal samples drawn from a CPU generator seeded with `seed` (float32), then moved to
+   * `device`/`dtype`: the same seed gives the same values on every device (as `torch.randn(..., generator=
+   * torch.Generator().manual_seed(seed))` in Python).
+   */
+  static async randn(shape: readonly number[], opts: { seed: bigint | number; device?: Device; dtype?: DType }): Promise<Tensor> {
+    const s = checkShape(shape, -1, 'Tensor.randn');
+    const seed = opts?.seed;
+    if (typeof seed === 'number' ? !Number.isSafeInteger(seed) || seed < 0 : typeof seed !== 'bigint' || seed < 0n) {
+      throw invalid(`Tensor.randn: seed must be a non-negative integer or bigint, got ${String(seed)}`);
+    }
+    const device = resolveDevice(opts.device ?? 'cpu');
+    const dtype = checkDType(opts.dtype, 'Tensor.randn');
+    return new Tensor(await nativeAsync(() => addon().RawTensor.randn(s, BigInt(seed), device, dtype)));
+  }
+
+  /** Sizes of the dimensions. */
+  get shape(): number[] {
+    this.#shape ??= native(() => this.#live('shape').shape());
+    return [...this.#shape];
+  }
+
+  /** Element type. */
+  get dtype(): DType {
+    this.#dtype ??= native(() => this.#live('dtype').dtype()) as DType;
+    return this.#dtype;
+  }
+
+  /** Device name, e.g. 'cpu' or 'cuda:0'. */
+  get device(): string {
+    this.#device ??= native(() => this.#live('device').device());
+    return this.#device;
+  }
+
+  /** Whether {@link Tensor.dispose} was called. */
+  get disposed(): boolean {
+    return this.#raw === null;
+  }
+
+  /** Number of elements. */
+  get numel(): number {
+    return this.shape.reduce((a, b) => a * b, 1);
+  }
+
+  /**
+   * A tensor on `device` with element type `dtype` (default: unchanged), computed off the JS thread.
+   * When nothing changes the result shares this tensor's storage (it is still a separate handle).
+   */
+  async to(device: Device, dtype?: DType): Promise<Tensor> {
+    const raw = this.#live('to');
+    const dev = resolveDevice(device);
+    const dt = checkDType(dtype, 'Tensor.to');
+    return new Tensor(await nativeAsync(() => raw.to(dev, dt)));
+  }
+
+  /**
+   * The elements as a Float32Array (row-major). For a CPU float32 contiguous tensor this is a zero-copy
+   * view over the tensor's own memory: writes through it change the tensor, and the memory stays valid
+   * as long as the view is reachable, even after {@link Tensor.dispose}. Any other tensor (another dtype,
+   * non-contiguous, CUDA through pinned host memory) is converted once and the result handed over the
+   * same way. Where the runtime forbids external buffers (e.g. Electron) the data is copied once.
+   */
+  toFloat32Array(): Float32Array {
+    const raw = this.#live('toFloat32Array');
+    return native(() => raw.toFloat32Array());
+  }
+
+  /** The elements as plain numbers (row-major; bool → 0/1; int64 beyond 2^53 loses precision). For small tensors. */
+  toArray(): number[] {
+    const raw = this.#live('toArray');
+    return native(() => raw.toArray());
+  }
+
+  /** Whether this tensor and `other` start at the same memory (alias check, mainly for tests). */
+  sharesMemoryWith(other: Tensor): boolean {
+    const raw = this.#live('sharesMemoryWith');
+    return native(() => raw.sameStorage(rawTensorOf(other, 'sharesMemoryWith(other)')));
+  }
+
+  /** Releases this handle's reference to the tensor memory. Idempotent. Later use throws (E_DISPOSED). */
+  dispose(): void {
+    if (this.#raw === null) return;
+    tensorRegistry.unregister(this);
+    const raw = this.#raw;
+    this.#raw = null;
+    raw.dispose();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  /** @internal */
+  toString(): string {
+    return this.#raw === null ? 'Tensor(disposed)' : `Tensor(${this.dtype}[${this.shape.join(', ')}] on ${this.device})`;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ values
+function toRawArgs(v: IValue, where: string, A: RawAddon): unknown {
+  if (v instanceof Tensor) return rawTensorOf(v, where);
+  if (v === null || v === undefined || typeof v !== 'object') return v;
+  if (Array.isArray(v)) return v.map((x, i) => toRawArgs(x, `${where}[${i}]`, A));
+  if (ArrayBuffer.isView(v)) throw invalid(`${where}: a typed array must be wrapped in a Tensor (e.g. Tensor.fromFloat32Array)`);
+  const out: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(v)) out[k] = toRawArgs(x, `${where}['${k}']`, A);
+  return out;
+}
+
+function fromRawResult(v: unknown, A: RawAddon): IValue {
+  if (v === null || v === undefined || typeof v !== 'object') return v as IValue;
+  if (v instanceof A.RawTensor) return wrapTensor(v as RawTensor);
+  if (Array.isArray(v)) return v.map((x) => fromRawResult(x, A));
+  const out: Record<string, IValue> = {};
+  for (const [k, x] of Object.entries(v as Record<string, unknown>)) out[k] = fromRawResult(x, A);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ ScriptModule
+const moduleRegistry = new FinalizationRegistry<RawModule>((raw) => {
+  try {
+    raw.dispose();
+  } catch {
+    /* already gone */
+  }
+});
+
+/** Description of one parameter or buffer of a {@link ScriptModule}. */
+export interface ParameterInfo {
+  name: string;
+  shape: number[];
+  dtype: DType;
+}
+
+/**
+ * A TorchScript module (a `torch.jit.save` file) loaded into libtorch. Calls run off the JS thread and
+ * return Promises; calls on one module are serialized (it is safe to issue them concurrently).
+ */
+export class ScriptModule {
+  #raw: RawModule | null;
+
+  private constructor(raw: RawModule) {
+    this.#raw = raw;
+    moduleRegistry.register(this, raw, this);
+  }
+
+  #live(what: string): RawModule {
+    if (this.#raw === null) throw new NativeError('E_DISPOSED', `ScriptModule.${what}: module has been disposed (use after dispose())`);
+    return this.#raw;
+  }
+
+  /**
+   * Loads a TorchScript file onto `device` (default 'cpu'). With `dtype`, floating-point parameters and
+   * buffers are cast to it (integer/bool ones keep theirs). The module is put in eval mode; it is not frozen,
+   * so parameters stay updatable with {@link ScriptModule.setParameter}.
+   * Rejects with E_FILE_NOT_FOUND for a missing file and E_INVALID_FILE for one that is not TorchScript.
+   */
+  static async load(path: string, opts: { device?: Device; dtype?: DType } = {}): Promise<ScriptModule> {
+    if (typeof path !== 'string' || path === '') throw invalid('ScriptModule.load(path): path must be a non-empty string');
+    const device = resolveDevice(opts.device ?? 'cpu');
+    const dtype = checkDType(opts.dtype, 'ScriptModule.load');
+    return new ScriptModule(await nativeAsync(() => addon().loadModule(path, device, dtype)));
+  }
+
+  /** Calls `forward`. See {@link ScriptModule.call}. */
+  forward(...args: IValue[]): Promise<IValue> {
+    return this.call('forward', ...args);
+  }
+
+  /**
+   * Calls method `method` with `args`, converted by the method's TorchScript schema: a JS number becomes an
+   * `int` or a `float` as the schema says, arrays become `List[T]` or `Tuple[...]`, plain objects
+   * `Dict[str, T]`, null/undefined `None` (for `Optional[T]`); omitted trailing arguments take their
+   * defaults. Results: Tensor → {@link Tensor}, int/float → number, bool, str, List/Tuple → array,
+   * Dict → object (insertion order), None → null. A wrong argument count or type rejects with a message
+   * naming the method and its signature.
+   */
+  async call(method: string, ...args: IValue[]): Promise<IValue> {
+    const raw = this.#live('call');
+    const A = addon();
+    const rawArgs = args.map((a, i) => toRawArgs(a, `${method}() argument ${i + 1}`, A));
+    const result = await nativeAsync(() => raw.call(method, rawArgs));
+    return fromRawResult(result, A);
+  }
+
+  /** Names of the module's methods (e.g. ['forward', 'encode']). */
+  methods(): string[] {
+    return native(() => this.#live('methods').methods());
+  }
+
+  /** The TorchScript signature of `method` (default 'forward'), e.g. "forward(x: Tensor, n: int = 3) -> Tensor". */
+  signature(method = 'forward'): string {
+    return native(() => this.#live('signature').schema(method));
+  }
+
+  /** All parameters (recursively, with dotted names as in the state dict). */
+  parameters(): ParameterInfo[] {
+    return native(() => this.#live('parameters').parameters()) as ParameterInfo[];
+  }
+
+  /** All buffers (recursively, dotted names). */
+  buffers(): ParameterInfo[] {
+    return native(() => this.#live('buffers').buffers()) as ParameterInfo[];
+  }
+
+  /** A copy of the parameter (or buffer) `name`, on the module's device. Rejects with E_NOT_FOUND for an unknown name. */
+  async getParameter(name: string): Promise<Tensor> {
+    const raw = this.#live('getParameter');
+    return wrapTensor(await nativeAsync(() => raw.getParameter(name)));
+  }
+
+  /**
+   * Copies `value` into the parameter (or buffer) `name` in place (converted to the parameter's dtype and
+   * device, without autograd). The shape must match exactly; unknown names reject with E_NOT_FOUND.
+   * Serialized with the module's other calls.
+   */
+  async setParameter(name: string, value: Tensor): Promise<void> {
+    const raw = this.#live('setParameter');
+    const v = rawTensorOf(value, `setParameter('${name}', value): value`);
+    await nativeAsync(() => raw.setParameter(name, v));
+  }
+
+  /** The device the module was loaded onto (e.g. 'cpu', 'cuda:0'). */
+  get device(): string {
+    return native(() => this.#live('device').device());
+  }
+
+  /** The requested dtype, else the dtype of its first floating parameter, else null. */
+  get dtype(): DType | null {
+    return native(() => this.#live('dtype').dtype()) as DType | null;
+  }
+
+  /** The file it was loaded from. */
+  get path(): string {
+    return native(() => this.#live('path').path());
+  }
+
+  /** Whether {@link ScriptModule.dispose} was called. */
+  get disposed(): boolean {
+    return this.#raw === null;
+  }
+
+  /** Releases the module (calls already in flight finish first). Idempotent. */
+  dispose(): void {
+    if (this.#raw === null) return;
+    moduleRegistry.unregister(this);
+    const raw = this.#raw;
+    this.#raw = null;
+    raw.dispose();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
