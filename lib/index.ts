@@ -20,6 +20,49 @@ export * from './tokenizer.js';
 export * from './image.js';
 export * from './layers.js';
 export * from './lora.js';
+export * from './control.js';
+export {
+  visualize,
+  visualizeFile,
+  attentionTokenMaps,
+  gateScore,
+  gateScoreFiles,
+  gateScoreFromDiffs,
+  laplacianMap,
+  contentDiff,
+  correspondence,
+  correspondenceFiles,
+  parsePairAnnotation,
+  pck,
+  readFeatureFile,
+  selectFeature,
+  resizeBilinear,
+  resizeNearest,
+  roundHalfEven,
+  type FeatureArray,
+  type FeatureInput,
+  type Point,
+  type RawImage,
+  type VisualizeOptions,
+  type VisualizeFileOptions,
+  type VisualizeFileResult,
+  type GateScore,
+  type GateScoreRow,
+  type CorrespondenceOptions,
+  type CorrespondenceFilesOptions,
+  type CorrespondenceResult,
+  type PairAnnotation,
+  type PairResult,
+} from './tools.js';
+export {
+  RECIPES,
+  getRecipe,
+  extractRecipe,
+  type Recipe,
+  type RecipeVariant,
+  type RecipeOptions,
+  type RecipeResult,
+} from './recipes.js';
 export {
   loadPipeline,
   bundledModelDir,
