@@ -180,7 +180,6 @@ class UNet2DConditionModel(nn.Module):
     def __init__(self, config: Dict[str, Any], use_sdpa: Optional[bool] = None):
         super().__init__()
         cfg = UNetConfig(config)
-        self.config = dict(config)
         n = cfg.n
         self.flip_sin_to_cos = cfg.flip_sin_to_cos
         self.freq_shift = cfg.freq_shift

@@ -156,6 +156,31 @@ class UNetGoldens(unittest.TestCase):
             with self.assertRaisesRegex(Exception, "down_residuals: expected 12"):
                 self.run_model(model, caps, zeros[:11], mid0)
 
+    def test_sdpa_path(self):
+        """The torch>=2 fast path (SDPACore). On torch 1.13 it is checked eagerly with a stand-in for
+        F.scaled_dot_product_attention; on torch 2.x for real, eager and scripted."""
+        import torch.nn.functional as F
+        from weights import blocks
+        stand_in = not blocks.HAS_SDPA
+        if stand_in:
+            def sdpa(q, k, v):
+                return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+            F.scaled_dot_product_attention = sdpa
+        try:
+            m = UNet2DConditionModel(CFG, use_sdpa=True).eval()
+            m.load_state_dict(self.sd, strict=True)
+            self.assertIsInstance(m.mid_block.attentions[0].transformer_blocks[0].attn1.core, blocks.SDPACore)
+            models = [m] if stand_in else [m, torch.jit.script(m)]
+            caps = [k for k in self.golden_ids if not k.endswith("-map")]
+            for model in models:
+                d = self.run_model(model, caps)
+                errs = {k: rel(d[k], self.g[k]) for k in caps}
+                errs["out"] = rel(d["out"], self.g["out.sample"])
+                self.assertLessEqual(max(errs.values()), TOL, worst(errs))
+        finally:
+            if stand_in:
+                del F.scaled_dot_product_attention
+
     def test_jit_save_load(self):
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "unet.pt")
