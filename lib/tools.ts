@@ -204,12 +204,12 @@ export function selectFeature(tensors: Map<string, FeatureArray>, layer: string 
   return { data, shape: [C, H, W] };
 }
 
-async function writePng(path: string, raw: Uint8Array | Buffer, width: number, height: number, channels: 1 | 3, composite?: sharp.OverlayOptions[]): Promise<void> {
+async function writePng(path: string, raw: Uint8Array | Buffer, width: number, height: number, channels: 1 | 3): Promise<void> {
   await mkdir(dirname(resolve(path)), { recursive: true });
   const tmp = `${path}.tmp-${process.pid}-${Date.now()}.png`;
   try {
     const img = sharp(Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength), { raw: { width, height, channels } });
-    await (composite?.length ? img.composite(composite) : img).png().toFile(tmp);
+    await img.png().toFile(tmp);
     await rename(tmp, path);
   } catch (err) {
     await rm(tmp, { force: true });
@@ -386,24 +386,27 @@ export async function visualizeFile(file: string, outPng: string, opts: Visualiz
   const sections = [grid(pca, opts.columns ?? 4), ...tokenSections.map((s) => grid(s, 11))];
   const width = Math.max(...sections.map((s) => s.width));
   const height = sections.reduce((a, s) => a + s.height, 0);
-  const composite: sharp.OverlayOptions[] = [];
+  // panels are copied into one RGB canvas (grey panels replicated), black background
+  const canvas = new Uint8Array(width * height * 3);
   const panels: string[] = [];
   let top = 0;
   for (const s of sections) {
     for (const { p, left, top: t } of s.place) {
       panels.push(p.name);
-      composite.push({
-        input: Buffer.from(p.img.data.buffer, p.img.data.byteOffset, p.img.data.byteLength),
-        raw: { width: p.img.width, height: p.img.height, channels: p.img.channels },
-        left,
-        top: top + t,
-      });
+      const { data, width: pw, height: ph, channels } = p.img;
+      for (let y = 0; y < ph; y++) {
+        let d = ((top + t + y) * width + left) * 3;
+        let i = y * pw * channels;
+        for (let x = 0; x < pw; x++, d += 3, i += channels) {
+          canvas[d] = data[i]!;
+          canvas[d + 1] = data[channels === 3 ? i + 1 : i]!;
+          canvas[d + 2] = data[channels === 3 ? i + 2 : i]!;
+        }
+      }
     }
     top += s.height;
   }
-  // sharp composites raw single-channel inputs as grey; the canvas is RGB black
-  const canvas = new Uint8Array(width * height * 3);
-  await writePng(outPng, canvas, width, height, 3, composite);
+  await writePng(outPng, canvas, width, height, 3);
   if (opts.panelsDir) {
     await mkdir(opts.panelsDir, { recursive: true });
     for (const p of [...pca, ...tokenSections.flat()]) {

@@ -148,10 +148,20 @@ nativeTest('visualizeFile: one PCA panel per tensor, attention token maps, short
     const meta = await sharp(out).metadata();
     t.is(meta.width, r.width);
     t.is(meta.height, r.height);
+    t.is(meta.channels, 3);
     t.is(r.width, Math.max(4 * 512, 11 * 256));
     t.is(r.height, 512 + 2 * 7 * 256);
     const panel = await sharp(join(dir, 'panels', 'up-level0-upsampler-out.png')).raw().toBuffer({ resolveWithObject: true });
     t.is(panel.info.width, 512);
+    // the grid's first cell is that panel
+    const grid = await sharp(out).raw().toBuffer({ resolveWithObject: true });
+    let same = true;
+    for (let y = 0; y < 512 && same; y++) {
+      const a = grid.data.subarray(y * r.width * 3, y * r.width * 3 + 512 * 3);
+      const b = panel.data.subarray(y * 512 * 3, (y + 1) * 512 * 3);
+      same = Buffer.compare(a, b) === 0;
+    }
+    t.true(same);
     // PCA min–max: every component reaches 0 and 255
     for (let c = 0; c < 3; c++) {
       let lo = 255;
