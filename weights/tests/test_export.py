@@ -229,6 +229,35 @@ class TestExportMicro(unittest.TestCase):
         self.assertIn("mis-shaped: encoder.conv_in.weight (file [16, 3, 5, 5], model [16, 3, 3, 3])", log)
         self.assertEqual(siblings(out), [])  # atomic: neither OUT nor OUT.tmp-*
 
+    def test_sharded_and_bfloat16_sources(self):
+        src = os.path.join(self.tmp, "sharded-src")
+        os.makedirs(os.path.join(src, "text_encoder"))
+        os.makedirs(os.path.join(src, "vae"))
+        os.symlink(os.path.join(MICRO, "tokenizer"), os.path.join(src, "tokenizer"))
+        shutil.copy(os.path.join(MICRO, "text_encoder", "config.json"), os.path.join(src, "text_encoder"))
+        sd, _ = load(os.path.join(MICRO, "text_encoder", "model.safetensors"))
+        keys = sorted(sd)
+        wm = {}
+        for i, part in enumerate((keys[:10], keys[10:])):
+            name = f"model-0000{i + 1}-of-00002.safetensors"
+            save(os.path.join(src, "text_encoder", name), {k: sd[k] for k in part})
+            wm.update({k: name for k in part})
+        with open(os.path.join(src, "text_encoder", "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": wm}, f)
+        shutil.copy(os.path.join(MICRO, "vae", "config.json"), os.path.join(src, "vae"))
+        vsd, _ = load(os.path.join(MICRO, "vae", "diffusion_pytorch_model.safetensors"))
+        save(os.path.join(src, "vae", "diffusion_pytorch_model.safetensors"),
+             {k: v.to(torch.bfloat16) for k, v in vsd.items()})
+        out = os.path.join(self.tmp, "sharded-out")
+        rc, log = run_export("--from", src, "--out", out)
+        self.assertEqual(rc, 0, log)
+        self.assertIn("model-00002-of-00002.safetensors", log)
+        assert_bitwise_equal(self, jit_state(os.path.join(out, "text_encoder.pt")),
+                             jit_state(os.path.join(self.out, "text_encoder.pt")), "text_encoder (sharded)")
+        got = jit_state(os.path.join(out, "vae_decoder.pt"))
+        for k, v in got.items():
+            self.assertTrue(torch.equal(v, vsd[k].to(torch.bfloat16).float()), k)
+
     def test_existing_out(self):
         out = os.path.join(self.tmp, "exists")
         os.makedirs(out)
