@@ -453,8 +453,9 @@ class Ops(torch.nn.Module):
     @torch.jit.export
     def pca_rgb(self, x: torch.Tensor) -> torch.Tensor:
         """§9: C×H×W → H×W×3 uint8. Mean-centred PCA with 3 components (sklearn sign convention: svd_flip,
-        u-based), per-component min–max to [0, 1] over the image, ×255, truncated to uint8. float64 maths;
-        the top singular subspace comes from a deterministic block power iteration (exact when C ≤ 16)."""
+        u-based), per-component min–max to [0, 1] over the image, ×255, truncated to uint8. float64 maths:
+        exact (Gram eigendecomposition) when min(H·W, C) ≤ 2048, else a deterministic block power iteration
+        (sklearn itself uses randomized SVD at these sizes)."""
         if x.dim() != 3:
             raise ValueError('ops.pca_rgb: expected C×H×W, got ' + str(x.shape))
         C = x.size(0)
@@ -464,25 +465,29 @@ class Ops(torch.nn.Module):
         X = X - X.mean(dim=0, keepdim=True)
         N = H * W
         k = min(3, min(N, C))
-        p = min(k + 13, C)
-        if p == C:
-            Q = torch.eye(C, dtype=torch.float64, device=X.device)
+        if min(N, C) <= 2048:
+            # exact: eigenvectors of the smaller Gram matrix
+            if C <= N:
+                evals, V = torch.linalg.eigh(X.t().mm(X))       # ascending
+                T = X.mm(V[:, C - k:].flip(1))                 # = U·S
+            else:
+                evals, U = torch.linalg.eigh(X.mm(X.t()))
+                T = U[:, N - k:].flip(1) * evals[N - k:].flip(0).clamp_min(0.0).sqrt().unsqueeze(0)
         else:
-            # deterministic pseudo-random start (hash of the index), then subspace iteration with QR
+            # deterministic block power iteration (pseudo-random start from an index hash), Rayleigh–Ritz
+            p = k + 13
             idx = torch.arange(C * p, dtype=torch.float64, device=X.device)
             G = torch.frac(torch.sin(idx * 12.9898 + 78.233) * 43758.5453) - 0.5
             Q, R0 = torch.linalg.qr(X.t().mm(X.mm(G.reshape(C, p))))
-            for it in range(12):
+            for it in range(16):
                 Q, R0 = torch.linalg.qr(X.t().mm(X.mm(Q)))
-        Z = X.mm(Q)                                            # N×p: X projected on the subspace
-        U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
-        U = U[:, :k]
-        S = S[:k]
-        # svd_flip(u_based_decision=True): make the largest-|u| entry of each component positive
-        am = U.abs().argmax(dim=0)
-        signs = torch.sign(U.gather(0, am.unsqueeze(0)).squeeze(0))
+            U, S, Vh = torch.linalg.svd(X.mm(Q), full_matrices=False)
+            T = U[:, :k] * S[:k].unsqueeze(0)
+        # svd_flip(u_based_decision=True): the largest-|u| entry of each component is made positive
+        am = T.abs().argmax(dim=0)
+        signs = torch.sign(T.gather(0, am.unsqueeze(0)).squeeze(0))
         signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        T = U * S.unsqueeze(0) * signs.unsqueeze(0)            # N×k transformed
+        T = T * signs.unsqueeze(0)                              # N×k transformed
         if k < 3:
             T = torch.cat([T, torch.zeros(N, 3 - k, dtype=torch.float64, device=X.device)], dim=1)
         mn = T.min(dim=0, keepdim=True)[0]

@@ -387,6 +387,27 @@ class TestAnalysisOps(unittest.TestCase):
             self.assertLessEqual(int(diff.max()), 1, (C, H))
             self.assertTrue(np.all((diff == 0) | near), (C, H))
 
+    def test_pca_rgb_power_iteration_path(self):
+        """min(H·W, C) > 2048: block power iteration. Exactly rank-5 data, whose PCA numpy gets cheaply from
+        the factors (QR of both, SVD of the 5×5 core)."""
+        rng = np.random.default_rng(3)
+        C, H = 2100, 46
+        A = rng.standard_normal((H * H, 5)) * np.array([9.0, 5.0, 3.0, 1.0, 0.5])
+        B = rng.standard_normal((5, C))
+        x = (A @ B).T.reshape(C, H, H)
+        got = ops().pca_rgb(torch.from_numpy(x.astype(np.float32))).numpy()
+        Ac = A - A.mean(0)
+        Qa, Ra = np.linalg.qr(Ac)
+        Qb, Rb = np.linalg.qr(B.T)
+        Um, Sm, _ = np.linalg.svd(Ra @ Rb.T)
+        U = (Qa @ Um)[:, :3]
+        T = U * Sm[:3] * np.sign(U[np.argmax(np.abs(U), axis=0), range(3)])
+        T = (T - T.min(0)) / (T.max(0) - T.min(0))
+        want = (T * 255).astype(np.uint8).reshape(H, H, 3)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        self.assertLessEqual(int(diff.max()), 1)
+        self.assertLess(float((diff > 0).mean()), 0.01)
+
     def test_laplacian_map(self):
         rng = np.random.default_rng(1)
         x = rng.standard_normal((5, 7, 9)).astype(np.float32)
@@ -397,14 +418,8 @@ class TestAnalysisOps(unittest.TestCase):
         self.assertEqual(list(got.shape), [7, 9])
         self.assertLessEqual(float(np.abs(got.double().numpy() - want).max()), 1e-5)
 
-    def test_correspondence(self):
-        torch.manual_seed(2)
-        C, h, S = 6, 8, 32
-        f1 = torch.randn(C, h, h)
-        f2 = torch.randn(C, h, h)
-        src = torch.tensor([[0.0, 0.0], [3.5, 4.5], [31.7, 12.2], [-3.0, 40.0], [10.49, 20.51], [2.5, 2.5]])
-        got = ops().correspondence(f1, f2, src, S)
-        # numpy reference following correspondence_utils.py literally
+    def _np_correspondence(self, f1, f2, src, S):
+        C = f1.shape[0]
         u1 = F.interpolate(f1[None], (S, S), mode="bilinear", align_corners=False)[0].double().numpy()
         u2 = F.interpolate(f2[None], (S, S), mode="bilinear", align_corners=False)[0].double().numpy()
         d1 = u1.reshape(C, -1).T
@@ -414,19 +429,41 @@ class TestAnalysisOps(unittest.TestCase):
         y = np.round(np.clip(src[:, 0].numpy(), 0, S - 1))
         x = np.round(np.clip(src[:, 1].numpy(), 0, S - 1))
         idx = (S * y + x).astype(int)
-        sim = d1[idx] @ d2.T
-        best = sim.argmax(1)
-        want = np.stack([best // S, best % S], 1)
+        best = (d1[idx] @ d2.T).argmax(1)
+        return np.stack([best // S, best % S], 1).astype(np.float32), y, x
+
+    def test_correspondence(self):
+        """correspondence_utils.py literally (numpy, float64) vs ops.correspondence."""
+        torch.manual_seed(2)
+        C, h, S = 6, 8, 32
+        f1 = torch.randn(C, h, h)
+        f2 = torch.randn(C, h, h)
+        src = torch.tensor([[0.0, 0.0], [3.5, 4.5], [31.7, 12.2], [-3.0, 40.0], [10.49, 20.51], [2.5, 2.5]])
+        got = ops().correspondence(f1, f2, src, S)
+        want, y, x = self._np_correspondence(f1, f2, src, S)
         self.assertEqual(list(got.shape), [6, 2])
-        self.assertTrue(np.array_equal(got.numpy(), want.astype(np.float32)))
+        self.assertEqual(got.dtype, torch.float32)
+        self.assertTrue(np.array_equal(got.numpy(), want))
+        self.assertEqual(y.tolist()[1:3] + x.tolist()[1:3], [4.0, 32.0 - 1, 4.0, 12.0])   # half-to-even, clip
         # identical maps: interior points map to themselves
         inner = torch.tensor([[5.0, 6.0], [13.0, 20.0], [22.0, 9.0]])
         same = ops().correspondence(f1, f1, inner, S)
         self.assertTrue(np.array_equal(same.numpy(), inner.numpy()))
-        # chunking over channels and keypoints gives the same answer as one pass
+        # more than one keypoint chunk
         big = torch.randn(300, 2) * 12 + 16
-        a = ops().correspondence(f1, f2, big, S)
-        self.assertEqual(list(a.shape), [300, 2])
+        self.assertTrue(np.array_equal(ops().correspondence(f1, f2, big, S).numpy(),
+                                       self._np_correspondence(f1, f2, big, S)[0]))
+
+    def test_correspondence_512_channel_chunks(self):
+        """At 512² the channels are processed in chunks (70 channels → 64 + 6); fp16 inputs accepted."""
+        torch.manual_seed(3)
+        f1 = torch.randn(70, 16, 16)
+        f2 = torch.randn(70, 16, 16)
+        src = torch.tensor([[100.2, 37.0], [511.0, 0.0], [250.5, 250.5], [17.0, 400.0]])
+        got = ops().correspondence(f1, f2, src, 512)
+        want, _, _ = self._np_correspondence(f1, f2, src, 512)
+        self.assertTrue(np.array_equal(got.numpy(), want))
+        self.assertEqual(list(ops().correspondence(f1.half(), f2.half(), src, 512).shape), [4, 2])
 
 
 if __name__ == "__main__":
