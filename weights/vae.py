@@ -129,33 +129,21 @@ class MidBlock(nn.Module):
         return x
 
 
-class DownBlock(nn.Module):
-    """diffusers DownEncoderBlock2D."""
+class ResnetStack(nn.Module):
+    """diffusers DownEncoderBlock2D (sampler 'down') / UpDecoderBlock2D (sampler 'up'): resnets, then an
+    optional resampler. The unused sampler list stays empty, so it adds no state-dict names."""
 
-    def __init__(self, cin: int, cout: int, layers: int, groups: int, add_downsample: bool):
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, sampler: str):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(layers)])
-        self.downsamplers = nn.ModuleList([Downsample(cout)] if add_downsample else [])
+        self.downsamplers = nn.ModuleList([Downsample(cout)] if sampler == "down" else [])
+        self.upsamplers = nn.ModuleList([Upsample(cout)] if sampler == "up" else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for r in self.resnets:
             x = r(x)
         for d in self.downsamplers:
             x = d(x)
-        return x
-
-
-class UpBlock(nn.Module):
-    """diffusers UpDecoderBlock2D."""
-
-    def __init__(self, cin: int, cout: int, layers: int, groups: int, add_upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(layers)])
-        self.upsamplers = nn.ModuleList([Upsample(cout)] if add_upsample else [])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)
         for u in self.upsamplers:
             x = u(x)
         return x
@@ -175,7 +163,7 @@ class Encoder(nn.Module):
         cout = boc[0]
         for i, c in enumerate(boc):
             cin, cout = cout, c
-            blocks.append(DownBlock(cin, cout, layers, groups, i != len(boc) - 1))
+            blocks.append(ResnetStack(cin, cout, layers, groups, "down" if i != len(boc) - 1 else ""))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(boc[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, boc[-1], eps=1e-6, affine=True)
@@ -206,7 +194,7 @@ class Decoder(nn.Module):
         cout = rev[0]
         for i, c in enumerate(rev):
             cin, cout = cout, c
-            blocks.append(UpBlock(cin, cout, layers + 1, groups, i != len(rev) - 1))
+            blocks.append(ResnetStack(cin, cout, layers + 1, groups, "up" if i != len(rev) - 1 else ""))
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = nn.GroupNorm(groups, boc[0], eps=1e-6, affine=True)
         self.conv_out = nn.Conv2d(boc[0], int(config.get("out_channels", 3)), 3, 1, 1)
