@@ -210,7 +210,7 @@ export async function loadPipeline(weightsDir: string, options: LoadOptions = {}
       throw new DiffusionFeaturesError('E_INCOMPATIBLE_MODEL', `${dir}: the weights folder is missing ${f} (re-run weights/export.py)`);
     }
   }
-  const device = resolveDevice(options.device ?? 'auto');
+  const device = resolveDevice(options.device ?? 'auto') as Device;
   const isCuda = device.startsWith('cuda');
   const dtypeOpt = options.dtype ?? 'auto';
   const dtype: DType = dtypeOpt === 'auto' ? (isCuda ? 'float16' : 'float32') : dtypeOpt;
@@ -276,7 +276,7 @@ interface Modules {
  */
 export class Pipeline {
   /** The resolved device (`'cpu'`, `'cuda:0'`, …). */
-  readonly device: string;
+  readonly device: Device;
   /** Compute dtype of the models. */
   readonly dtype: DType;
   /** The weights folder. */
@@ -293,7 +293,7 @@ export class Pipeline {
   private disposed = false;
 
   /** @internal use {@link loadPipeline} */
-  constructor(dir: string, model: ModelJson, device: string, dtype: DType, modules: Modules, tokenizer: ClipTokenizer) {
+  constructor(dir: string, model: ModelJson, device: Device, dtype: DType, modules: Modules, tokenizer: ClipTokenizer) {
     this.weightsDir = dir;
     this.model = model;
     this.device = device;
@@ -685,6 +685,7 @@ export class Pipeline {
     if (this.disposed) return;
     this.disposed = true;
     this.clearPromptCache();
+    this.lora.dispose();
     for (const m of [this.m.unet, this.m.vae, this.m.text, this.m.ops, this.m.controlnet]) m?.dispose();
   }
 

@@ -251,7 +251,7 @@ test.serial('CLI extract reproduces case 1, skips existing outputs, reports unre
     // second run: outputs exist → skipped; a broken image is reported, the run goes on, exit ≠ 0
     const broken = join(dir, 'broken.png');
     await writeFile(broken, 'not an image');
-    const again = await run(process.execPath, [...args.slice(0, -2), broken, ...images]).then(
+    const again = await run(process.execPath, [CLI, 'extract', '--weights', WEIGHTS, '--size', '128', '--device', 'cpu', '--out', out, broken, ...images]).then(
       () => ({ code: 0, stderr: '' }),
       (e: { code: number; stderr: string }) => e,
     );
