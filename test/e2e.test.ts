@@ -275,3 +275,33 @@ test.serial('CLI layers and tokenize', async (t) => {
   t.is(ids[0]!.length, 77);
   t.deepEqual(ids[0]!.slice(0, 7), [49406, 320, 1125, 539, 320, 2368, 49407]);
 });
+
+for (const name of ['caseL1_legacy_kohya_locon', 'caseL2_legacy_locon0p7_attn0p3', 'caseL3_legacy_diffusers_peft']) {
+  test.serial(`LoRA through the pipeline reproduces reference ${name}`, async (t) => {
+    const dir = join(ROOT, 'test', 'fixtures', 'micro', 'e2e_lora');
+    const json = JSON.parse(readFileSync(join(dir, `${name}.json`), 'utf8')) as CaseJson;
+    const ref = await SafetensorsFile.open(join(dir, `${name}.safetensors`));
+    await pipe.setLora(json.lora!.map((l) => ({ file: join(ROOT, 'test', 'fixtures', 'lora', l.file), scale: l.scale })));
+    const opts = optionsFor(json, ref);
+    const results = await pipe.extract(json.images.map((i) => imagePath(i.file)), { ...opts, packaged: false });
+    try {
+      for (const [i, r] of results.entries()) {
+        t.regex(r.settings.lora!, new RegExp(json.lora![0]!.file.replace('.', '\\.')));
+        for (const id of json.layer_ids) {
+          const e = relErr(r.features[id]!.toFloat32Array(), row(ref, id, i).data);
+          t.true(e <= TOL, `${name} image ${i} ${id}: rel. error ${e.toExponential(3)}`);
+        }
+      }
+    } finally {
+      results.forEach((r) => r.dispose());
+      await pipe.setLora([]);
+    }
+    // after un-merging, the base model's features again (case 1)
+    const base = loadCase('case1_legacy');
+    const bref = await base.ref;
+    const [r0] = await pipe.extract([imagePath(base.json.images[0]!.file)], { ...optionsFor(base.json, bref), batchSize: 1 });
+    const e0 = relErr(r0!.features['up-level1-upsampler-out']!.toFloat32Array(), row(bref, 'up-level1-upsampler-out', 0).data);
+    t.true(e0 <= TOL, `after un-merge: ${e0}`);
+    r0!.dispose();
+  });
+}
