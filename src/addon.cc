@@ -1,5 +1,6 @@
 // Entry point of the diffusion-features addon: registers RawTensor, RawModule and the device helpers.
 #include <atomic>
+#include <memory>
 #include <string>
 
 #include <ATen/Parallel.h>
@@ -50,6 +51,14 @@ static Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), at::get_num_threads());
 }
 
+// The intra-op thread count as seen by a worker thread (where model calls run).
+static Napi::Value WorkerNumThreads(const Napi::CallbackInfo& info) {
+  auto n = std::make_shared<int>(0);
+  return PromiseWorker::Run(
+      info.Env(), "workerNumThreads", [n] { *n = at::get_num_threads(); },
+      [n](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, *n); });
+}
+
 static Napi::Value LibtorchVersion(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), TORCH_VERSION);
 }
@@ -77,6 +86,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("deviceCount", Napi::Function::New(env, DeviceCount, "deviceCount"));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  exports.Set("workerNumThreads", Napi::Function::New(env, WorkerNumThreads, "workerNumThreads"));
   exports.Set("libtorchVersion", Napi::Function::New(env, LibtorchVersion, "libtorchVersion"));
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo, "buildInfo"));
   return exports;

@@ -247,19 +247,27 @@ Napi::Value TensorWrap::To(const Napi::CallbackInfo& info) {
 }
 
 // The finalizer of an external ArrayBuffer: releases the heap-held at::Tensor that owns its memory.
+struct HeldTensor {
+  at::Tensor tensor;
+  int64_t accounted;  // bytes reported to V8 for this buffer
+};
+
 static void FinalizeHeldTensor(napi_env env, void* /*data*/, void* hint) {
-  std::unique_ptr<at::Tensor> held(static_cast<at::Tensor*>(hint));
-  int64_t bytes = static_cast<int64_t>(held->numel() * held->element_size());
+  std::unique_ptr<HeldTensor> held(static_cast<HeldTensor*>(hint));
   int64_t adjusted;
-  if (bytes > 0) napi_adjust_external_memory(env, -bytes, &adjusted);
+  if (held->accounted > 0) napi_adjust_external_memory(env, -held->accounted, &adjusted);
 }
 
 Napi::Value TensorWrap::ToFloat32Array(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const at::Tensor& t = tensor(env);
+  bool zeroCopy = false;
   at::Tensor src = Guard(env, "Tensor.toFloat32Array", [&] {
     c10::InferenceMode guard;
-    if (t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous()) return t;  // zero-copy
+    if (t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous()) {
+      zeroCopy = true;
+      return t;
+    }
     if (t.is_cuda()) {
       // One copy, device -> pinned host memory (cast on the device first when needed).
       at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
@@ -272,14 +280,17 @@ Napi::Value TensorWrap::ToFloat32Array(const Napi::CallbackInfo& info) {
   size_t n = static_cast<size_t>(src.numel());
   size_t bytes = n * sizeof(float);
   if (n == 0) return Napi::Float32Array::New(env, 0);
-  auto held = std::make_unique<at::Tensor>(src);
-  void* data = held->data_ptr();
+  // Memory of a zero-copy view is already reported to V8 by this tensor's wrapper; a converted copy is new
+  // memory and is reported (and un-reported by the finalizer).
+  auto held = std::make_unique<HeldTensor>(HeldTensor{src, zeroCopy ? 0 : static_cast<int64_t>(bytes)});
+  void* data = src.data_ptr();
   napi_value ab;
   napi_status st = napi_create_external_arraybuffer(env, data, bytes, FinalizeHeldTensor, held.get(), &ab);
   if (st == napi_ok) {
+    int64_t accounted = held->accounted;
     held.release();  // now owned by the ArrayBuffer's finalizer
     int64_t adjusted;
-    napi_adjust_external_memory(env, static_cast<int64_t>(bytes), &adjusted);
+    if (accounted > 0) napi_adjust_external_memory(env, accounted, &adjusted);
     return Napi::Float32Array::New(env, n, Napi::ArrayBuffer(env, ab), 0);
   }
   if (st != napi_no_external_buffers_allowed) NAPI_THROW(Napi::Error::New(env), Napi::Value());

@@ -57,6 +57,16 @@ async function rejects(t: import('ava').ExecutionContext, p: Promise<unknown> | 
 }
 
 // ------------------------------------------------------------------------------------------ devices
+test.serial('setNumThreads reaches the worker threads', async (t) => {
+  const raw = require('../binding/index.cjs').load() as import('../binding/index.cjs').RawAddon;
+  const before = getNumThreads();
+  setNumThreads(1);
+  t.deepEqual(await Promise.all([1, 2, 3, 4, 5].map(() => raw.workerNumThreads())), [1, 1, 1, 1, 1]);
+  setNumThreads(2);
+  t.is(await raw.workerNumThreads(), 2);
+  setNumThreads(before);
+});
+
 test('libtorch version, devices, threads', (t) => {
   t.regex(libtorchVersion(), /^\d+\.\d+\.\d+/);
   t.is(typeof cudaAvailable(), 'boolean');
