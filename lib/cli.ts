@@ -20,6 +20,7 @@ import {
   type Pipeline,
 } from './pipeline.js';
 import { writeNpy } from './npy.js';
+import { RECIPES } from './recipes.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { DiffusionFeaturesError } from './errors.js';
 import type { Device } from './native.js';
@@ -231,6 +232,73 @@ async function sliceNoise(n: { noise: import('./native.js').Tensor; vaeNoise?: i
   return { noise: take(n.noise), vaeNoise: n.vaeNoise ? take(n.vaeNoise) : undefined };
 }
 
+interface RecipeCli {
+  weights: string;
+  recipe: string;
+  loraSlot?: Record<string, { file: string; scale: number }>;
+  skipMissingLora?: boolean;
+  seed: number;
+  size?: number;
+  batchSize: number;
+  device: Device;
+  dtype: 'auto' | 'float32' | 'float16';
+  overwrite?: boolean;
+  out: string;
+}
+
+function loraSlotArg(v: string, prev: Record<string, { file: string; scale: number }> = {}): Record<string, { file: string; scale: number }> {
+  const eq = v.indexOf('=');
+  if (eq <= 0) throw new CliArgError(`--lora-slot expects SLOT=FILE[:SCALE], got '${v}'`);
+  const [spec] = parseLoraArg(v.slice(eq + 1));
+  return { ...prev, [v.slice(0, eq)]: spec! };
+}
+
+/** Runs a GATE recipe over images (`extract --recipe` / `recipe`); returns the exit code. */
+export async function runRecipe(images: string[], o: RecipeCli): Promise<number> {
+    const { extractRecipe } = await import('./recipes.js');
+    const { writeSafetensors } = await import('./safetensors.js');
+    mkdirSync(o.out, { recursive: true });
+    const todo = images.filter((img) => o.overwrite || !existsSync(join(o.out, `${basename(img, extname(img))}.safetensors`)));
+    if (todo.length < images.length) console.error(`${images.length - todo.length} image(s) already have output (use --overwrite)`);
+    if (!todo.length) return 0;
+    const pipeline = await loadPipeline(o.weights, { device: o.device, dtype: o.dtype });
+    const bar = process.stderr.isTTY
+      ? new cliProgress.SingleBar({ format: 'recipe |{bar}| {value}/{total} images | {variant} {stage}', stream: process.stderr, hideCursor: true }, cliProgress.Presets.shades_classic)
+      : null;
+    bar?.start(todo.length, 0, { variant: '', stage: 'load' });
+    try {
+      const results = await extractRecipe(pipeline, o.recipe, todo, {
+        loras: o.loraSlot ?? {},
+        skipMissingLora: o.skipMissingLora,
+        seed: o.seed,
+        size: o.size,
+        batchSize: o.batchSize,
+        amalgamate: true,
+        onProgress: (p) => bar?.update(p.done, { variant: p.variant, stage: p.stage }),
+      });
+      for (const r of results) {
+        try {
+          const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
+          for (const [v, f] of Object.entries(r.variants)) {
+            for (const [id, t] of Object.entries(f.features)) tensors[`${v}/${id}`] = { dtype: 'F32', shape: t.shape, data: t.toFloat32Array() };
+          }
+          if (r.amalgamated) tensors.amalgamated = { dtype: 'F32', shape: r.amalgamated.shape, data: r.amalgamated.toFloat32Array() };
+          const meta: Record<string, string> = { format: 'diffusion-features', recipe: o.recipe, variants: Object.keys(r.variants).join(',') };
+          for (const [v, f] of Object.entries(r.variants)) meta[`${v}.settings`] = JSON.stringify(f.settings);
+          await writeSafetensors(join(o.out, `${r.name}.safetensors`), tensors, meta);
+        } finally {
+          r.dispose();
+        }
+      }
+      bar?.stop();
+      console.error(`wrote ${results.length} file(s) to ${resolve(o.out)} (recipe ${o.recipe}: ${Object.keys(results[0]?.variants ?? {}).join(', ')})`);
+    } finally {
+      bar?.stop();
+      pipeline.dispose();
+    }
+    return 0;
+  }
+
 program
   .command('extract')
   .description('extract diffusion features: one DIR/<image>.safetensors per image (float32 C×h×w per layer id)')
@@ -248,6 +316,9 @@ program
   .option('--denoise-from <n>', 'multi-step denoising start (GATE: 60), needs --control', intArg('--denoise-from'))
   .addOption(new Option('--scheduler <kind>', 'multi-step scheduler').choices(['plms', 'ddim']).default('plms'))
   .option('--lora <file[:scale]>', 'LoRA safetensors merged into the UNet (repeatable)', parseLoraArg, [])
+  .addOption(new Option('--recipe <name>', 'compute a GATE recipe instead (GATE_SPEC §7; same as the recipe command)').choices(Object.keys(RECIPES)))
+  .option('--lora-slot <slot=file[:scale]>', 'with --recipe: LoRA file for a recipe slot (repeatable)', loraSlotArg, {})
+  .option('--skip-missing-lora', 'with --recipe: skip variants whose LoRA slot has no file')
   .option('--lora-text-encoder', 'also apply the text-encoder part of the LoRA files')
   .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('auto'))
   .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
@@ -260,8 +331,31 @@ program
   .option('--no-progress', 'no progress bar')
   .requiredOption('--out <dir>', 'output folder')
   .argument('<images...>', 'image files (any format sharp reads)')
-  .action(async (images: string[], o: ExtractCli) => {
+  .action(async (images: string[], o: ExtractCli & { recipe?: string; loraSlot?: RecipeCli['loraSlot']; skipMissingLora?: boolean }) => {
+    if (o.recipe) {
+      process.exitCode = await runRecipe(images, { ...o, recipe: o.recipe });
+      return;
+    }
     process.exitCode = await runExtract(images, o);
+  });
+
+program
+  .command('recipe')
+  .description('compute every feature variant of a GATE recipe (GATE_SPEC §7), sharing decode/VAE/prompt/canny work')
+  .requiredOption('--weights <dir>', 'exported weights folder (with controlnet.pt for recipes that use ControlNet)')
+  .addOption(new Option('--recipe <name>', 'GATE task recipe').choices(Object.keys(RECIPES)).makeOptionMandatory())
+  .option('--lora-slot <slot=file[:scale]>', 'LoRA file for a recipe slot, e.g. a1=horse_a1.safetensors (repeatable)', loraSlotArg, {})
+  .option('--skip-missing-lora', 'skip variants whose LoRA slot has no file')
+  .option('--seed <n>', 'base noise seed', intArg('--seed'), 0)
+  .option('--size <n>', 'images are resized to N×N (default: the model default_size)', intArg('--size'))
+  .option('--batch-size <n>', 'images per model call', intArg('--batch-size'), 1)
+  .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('auto'))
+  .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
+  .option('--overwrite', 'redo images whose output exists')
+  .requiredOption('--out <dir>', 'output folder: DIR/<image>.safetensors with <variant>/<layer id> tensors and `amalgamated`')
+  .argument('<images...>', 'image files')
+  .action(async (images: string[], o: RecipeCli) => {
+    process.exitCode = await runRecipe(images, o);
   });
 
 program

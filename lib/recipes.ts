@@ -180,6 +180,7 @@ export async function extractRecipe(
   const unknownSlots = Object.keys(loras).filter((s) => !r.loraSlots.includes(s));
   if (unknownSlots.length) throw new InvalidArgumentError(`recipe '${r.name}' has no LoRA slot(s) ${unknownSlots.join(', ')} (slots: ${r.loraSlots.join(', ')})`);
   const variants = r.variants.filter((v) => !(v.lora ?? []).some((s) => missing.includes(s)));
+  const defaultSize = typeof pipeline.model.default_size === 'number' ? pipeline.model.default_size : 512;
   const groups = new Map<string, RecipeVariant[]>();
   for (const v of variants) {
     const k = loraKey(v);
@@ -193,7 +194,7 @@ export async function extractRecipe(
     denoiseFrom: v.denoiseFrom,
     t: v.t ?? 50,
     seed: (opts.seed ?? 0) + (v.seed ?? 0),
-    size: opts.size ?? 512,
+    size: opts.size ?? defaultSize,
     batchSize: opts.batchSize ?? 1,
     packaged: !!opts.amalgamate,
     signal: opts.signal,
@@ -206,7 +207,7 @@ export async function extractRecipe(
       const plans = new Map<string, Awaited<ReturnType<Pipeline['plan']>>>();
       for (const v of variants) plans.set(v.name, await pipeline.plan(images, optionsOf(v)));
       const batchSize = opts.batchSize ?? 1;
-      const size = opts.size ?? 512;
+      const size = opts.size ?? defaultSize;
       // Chunks of images keep the shared per-batch state bounded while amortising LoRA merges.
       const chunk = Math.max(batchSize, 32);
       for (let c0 = 0; c0 < images.length; c0 += chunk) {

@@ -382,15 +382,22 @@ class Ops(torch.nn.Module):
         on channels in the given order."""
         if len(feats) == 0:
             raise ValueError('ops.package: no features')
+        # per-image C×h×w tensors (recipe amalgamation) are packaged like a batch of one
+        single = feats[0].dim() == 3
         S = 0
         for f in feats:
             S = max(S, f.size(-1))
         outs: List[torch.Tensor] = []
         for f in feats:
+            if (f.dim() == 3) != single:
+                raise ValueError('ops.package: mixed C×h×w and B×C×h×w tensors')
+            if single:
+                f = f.unsqueeze(0)
             if f.size(-1) != S or f.size(-2) != S:
                 f = self._nearest(f, S)
             outs.append(f)
-        return torch.cat(outs, dim=1)
+        out = torch.cat(outs, dim=1)
+        return out.squeeze(0) if single else out
 
     @torch.jit.export
     def split_to_cpu(self, d: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
