@@ -79,6 +79,7 @@ static Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(new AddonData());  // owned and deleted by the env
+  InitWorkers(env);
   exports.Set("RawTensor", TensorWrap::Init(env));
   exports.Set("RawModule", ModuleWrap::Init(env));
   exports.Set("loadModule", Napi::Function::New(env, ModuleWrap::Load, "loadModule"));

@@ -63,6 +63,7 @@ Napi::Value ModuleWrap::Load(const Napi::CallbackInfo& info) {
   c10::optional<c10::ScalarType> dtype;
   if (info.Length() > 2 && info[2].IsString()) dtype = ParseDType(env, info[2].As<Napi::String>().Utf8Value());
   auto out = std::make_shared<std::shared_ptr<ModuleState>>();
+  size_t executor = NextExecutor();
   return PromiseWorker::Run(
       env, "ScriptModule.load(" + path + ")",
       [=] {
@@ -81,6 +82,7 @@ Napi::Value ModuleWrap::Load(const Napi::CallbackInfo& info) {
         auto st = std::make_shared<ModuleState>(std::move(m), device);
         st->dtype = dtype;
         st->path = path;
+        st->executor = executor;
         *out = std::move(st);
       },
       [out](Napi::Env env) -> Napi::Value {
@@ -88,7 +90,7 @@ Napi::Value ModuleWrap::Load(const Napi::CallbackInfo& info) {
         Napi::External<std::shared_ptr<ModuleState>> ext = Napi::External<std::shared_ptr<ModuleState>>::New(env, &holder);
         return Data(env).moduleCtor.New({ext});
       },
-      Grad::kNoGrad);
+      Grad::kNoGrad, executor);
 }
 
 Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
@@ -118,7 +120,8 @@ Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
         Napi::Value v = FromIValue(env, *result);
         *result = c10::IValue();
         return v;
-      });
+      },
+      Grad::kInference, st->executor);
 }
 
 Napi::Value ModuleWrap::Methods(const Napi::CallbackInfo& info) {
@@ -197,7 +200,8 @@ Napi::Value ModuleWrap::GetParameter(const Napi::CallbackInfo& info) {
         std::lock_guard<std::mutex> lock(st->mu);
         *out = p.detach().clone();
       },
-      [out](Napi::Env env) -> Napi::Value { return TensorWrap::NewInstance(env, std::move(*out)); });
+      [out](Napi::Env env) -> Napi::Value { return TensorWrap::NewInstance(env, std::move(*out)); },
+      Grad::kInference, st->executor);
 }
 
 Napi::Value ModuleWrap::SetParameter(const Napi::CallbackInfo& info) {
@@ -217,7 +221,7 @@ Napi::Value ModuleWrap::SetParameter(const Napi::CallbackInfo& info) {
         std::lock_guard<std::mutex> lock(st->mu);
         p.copy_(v);  // converts dtype and device to the parameter's
       },
-      nullptr, Grad::kNoGrad);
+      nullptr, Grad::kNoGrad, st->executor);
 }
 
 Napi::Value ModuleWrap::Device(const Napi::CallbackInfo& info) {

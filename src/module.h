@@ -18,6 +18,7 @@ struct ModuleState {
   c10::Device device;
   c10::optional<c10::ScalarType> dtype;  // requested cast of floating parameters, if any
   std::string path;
+  size_t executor = 0;  // the torch thread this module's calls run on
   std::mutex mu;  // held by every worker that runs or mutates the module
 };
 

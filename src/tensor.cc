@@ -13,8 +13,6 @@
 
 namespace df {
 
-AddonData& Data(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }
-
 std::string DTypeName(c10::ScalarType t) {
   switch (t) {
     case c10::kFloat: return "float32";

@@ -8,14 +8,10 @@
 #include <c10/util/Optional.h>
 #include <napi.h>
 
+#include "addon_data.h"
+
 namespace df {
 
-// Per-addon-instance state (constructors used to create/recognise wrapped objects).
-struct AddonData {
-  Napi::FunctionReference tensorCtor;
-  Napi::FunctionReference moduleCtor;
-};
-AddonData& Data(Napi::Env env);
 
 // 'float32' | 'float16' | ... <-> c10::ScalarType. ParseDType throws a JS Error on unknown names.
 std::string DTypeName(c10::ScalarType t);
