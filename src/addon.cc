@@ -13,6 +13,13 @@
 #include "tensor.h"
 #include "workers.h"
 
+// The libtorch version compiled against ("1.13.0", "2.11.0").
+#ifndef TORCH_VERSION
+#define DF_STR2(x) #x
+#define DF_STR(x) DF_STR2(x)
+#define TORCH_VERSION DF_STR(TORCH_VERSION_MAJOR) "." DF_STR(TORCH_VERSION_MINOR) "." DF_STR(TORCH_VERSION_PATCH)
+#endif
+
 namespace df {
 
 static std::atomic<int> g_threads_generation{0};

@@ -45,7 +45,7 @@ std::shared_ptr<ModuleState> ModuleWrap::state(Napi::Env env) const {
 
 // Moves every parameter and buffer to `device`; casts only floating-point ones to `dtype` (like
 // nn.Module.to). set_data keeps the module's tensors the same objects, so they stay updatable.
-static void MoveModule(torch::jit::Module& m, c10::Device device, c10::optional<c10::ScalarType> dtype) {
+static void MoveModule(torch::jit::Module& m, c10::Device device, std::optional<c10::ScalarType> dtype) {
   auto move = [&](at::Tensor t) {
     c10::ScalarType target = dtype && t.is_floating_point() ? *dtype : t.scalar_type();
     if (t.device() != device || t.scalar_type() != target) t.set_data(t.to(device, target));
@@ -60,7 +60,7 @@ Napi::Value ModuleWrap::Load(const Napi::CallbackInfo& info) {
     throw MakeError(env, "loadModule(path, device, dtype?): bad arguments", "E_INVALID_ARGUMENT");
   std::string path = info[0].As<Napi::String>().Utf8Value();
   c10::Device device = ParseDevice(env, info[1].As<Napi::String>().Utf8Value());
-  c10::optional<c10::ScalarType> dtype;
+  std::optional<c10::ScalarType> dtype;
   if (info.Length() > 2 && info[2].IsString()) dtype = ParseDType(env, info[2].As<Napi::String>().Utf8Value());
   auto out = std::make_shared<std::shared_ptr<ModuleState>>();
   size_t executor = NextExecutor();
@@ -99,7 +99,7 @@ Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsArray())
     throw MakeError(env, "call(method, args[]): bad arguments", "E_INVALID_ARGUMENT");
   std::string name = info[0].As<Napi::String>().Utf8Value();
-  c10::optional<torch::jit::Method> method = st->module.find_method(name);
+  auto method = st->module.find_method(name);
   if (!method) {
     std::string known;
     for (const auto& m : st->module.get_methods()) known += (known.empty() ? "" : ", ") + m.name();
@@ -138,7 +138,7 @@ Napi::Value ModuleWrap::Schema(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::shared_ptr<ModuleState> st = state(env);
   std::string name = info.Length() > 0 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "forward";
-  c10::optional<torch::jit::Method> method = st->module.find_method(name);
+  auto method = st->module.find_method(name);
   if (!method) throw MakeError(env, "no method '" + name + "'", "E_INVALID_ARGUMENT");
   return Napi::String::New(env, Signature(method->function().getSchema()));
 }

@@ -6,7 +6,7 @@
 
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
-#include <c10/util/Optional.h>
+#include <optional>
 #include <napi.h>
 #include <torch/csrc/jit/api/module.h>
 
@@ -16,7 +16,7 @@ struct ModuleState {
   ModuleState(torch::jit::Module m, c10::Device d) : module(std::move(m)), device(d) {}
   torch::jit::Module module;
   c10::Device device;
-  c10::optional<c10::ScalarType> dtype;  // requested cast of floating parameters, if any
+  std::optional<c10::ScalarType> dtype;  // requested cast of floating parameters, if any
   std::string path;
   size_t executor = 0;  // the torch thread this module's calls run on
   std::mutex mu;  // held by every worker that runs or mutates the module
