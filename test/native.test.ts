@@ -4,7 +4,7 @@
  */
 import test from 'ava';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
@@ -485,4 +485,32 @@ cudaTest('CUDA: module on the GPU, float16, parameters', async (t) => {
   const first = outs[0]!.toArray();
   for (const o of outs) t.deepEqual(o.toArray(), first);
   m.dispose();
+});
+
+// ------------------------------------------------------------------------------------------ loader
+test('loader: a binary that cannot load is reported, naming the missing library, without crashing', (t) => {
+  const binding = require('../binding/index.cjs') as typeof import('../binding/index.cjs');
+  const dir = join(cache, 'loader');
+  mkdirSync(dir, { recursive: true });
+  // garbage bytes
+  const junk = join(dir, 'junk.node');
+  writeFileSync(junk, randomBytes(2048));
+  const v1 = binding.testLoad(junk);
+  t.false(v1.ok);
+  t.regex((v1 as { reason: string }).reason, /junk\.node/);
+  // a shared object that needs a library which is gone
+  const cc = spawnSync('cc', ['--version']).status === 0 ? 'cc' : null;
+  if (!cc) return t.log('no C compiler: missing-library case skipped');
+  writeFileSync(join(dir, 'dep.c'), 'int df_dep(void) { return 1; }\n');
+  writeFileSync(join(dir, 'addon.c'), 'int df_dep(void);\nint df_use(void) { return df_dep(); }\n');
+  const dep = join(dir, 'libdfgone.so');
+  t.is(spawnSync(cc, ['-shared', '-fPIC', '-o', dep, join(dir, 'dep.c')]).status, 0);
+  const broken = join(dir, 'broken.node');
+  t.is(spawnSync(cc, ['-shared', '-fPIC', '-o', broken, join(dir, 'addon.c'), `-L${dir}`, '-ldfgone', '-Wl,--no-as-needed']).status, 0);
+  rmSync(dep);
+  const v2 = binding.testLoad(broken);
+  t.false(v2.ok);
+  t.regex((v2 as { reason: string }).reason, /missing shared library libdfgone\.so \(needed by .*broken\.node\).*libtorch/);
+  // the verdict is cached
+  t.is(binding.testLoad(broken), v2);
 });
