@@ -305,3 +305,20 @@ for (const name of ['caseL1_legacy_kohya_locon', 'caseL2_legacy_locon0p7_attn0p3
     r0!.dispose();
   });
 }
+
+test.serial('multi-step denoising: the DDIM option runs and differs from PLMS; control scale 0 equals no ControlNet', async (t) => {
+  const img = join(IMAGES, 'chelsea.png');
+  const o: ExtractOptions = { layers: 'legacy', prompt: 'a photo of a cat', seed: 3, control: 'canny', denoiseFrom: 60 };
+  const [plms] = await pipe.extract([img], o);
+  const [ddim] = await pipe.extract([img], { ...o, scheduler: 'ddim' });
+  const [ddim2] = await pipe.extract([img], { ...o, scheduler: 'ddim' });
+  const id = 'up-level2-upsampler-out';
+  t.is(ddim!.settings.scheduler, 'ddim');
+  t.is(relErr(ddim!.features[id]!.toFloat32Array(), ddim2!.features[id]!.toFloat32Array()), 0);
+  const d = relErr(ddim!.features[id]!.toFloat32Array(), plms!.features[id]!.toFloat32Array());
+  t.true(d > 1e-6 && d < 0.5, `ddim vs plms: ${d}`);
+  const [zero] = await pipe.extract([img], { layers: 'legacy', seed: 3, prompt: 'a photo of a cat', control: 'canny', controlScale: 0 });
+  const [none] = await pipe.extract([img], { layers: 'legacy', seed: 3, prompt: 'a photo of a cat' });
+  t.true(relErr(zero!.features[id]!.toFloat32Array(), none!.features[id]!.toFloat32Array()) < 1e-6);
+  [plms, ddim, ddim2, zero, none].forEach((r) => r!.dispose());
+});
