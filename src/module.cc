@@ -107,11 +107,18 @@ Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
                     "E_INVALID_ARGUMENT");
   }
   const c10::FunctionSchema& schema = method->function().getSchema();
-  auto stack = std::make_shared<std::vector<c10::IValue>>(ArgsToStack(env, schema, info[1].As<Napi::Array>()));
+  // Errors name the file as well as the method: "unet.pt: forward(): ...".
+  std::string file = st->path.substr(st->path.find_last_of("/\\") == std::string::npos ? 0 : st->path.find_last_of("/\\") + 1);
+  std::shared_ptr<std::vector<c10::IValue>> stack;
+  try {
+    stack = std::make_shared<std::vector<c10::IValue>>(ArgsToStack(env, schema, info[1].As<Napi::Array>()));
+  } catch (const Napi::Error& e) {
+    throw MakeError(env, file + ": " + e.Message(), "E_INVALID_ARGUMENT");
+  }
   auto result = std::make_shared<c10::IValue>();
   torch::jit::Method m = *method;
   return PromiseWorker::Run(
-      env, name + "()",
+      env, file + ": " + name + "()",
       [st, m, stack, result]() mutable {
         std::lock_guard<std::mutex> lock(st->mu);
         *result = m(std::move(*stack));
