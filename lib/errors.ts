@@ -28,7 +28,13 @@ export type ErrorCode =
   /** The operation was aborted through an AbortSignal. */
   | 'E_ABORTED'
   /** Writing an output failed (nothing partial is left behind). */
-  | 'E_WRITE_FAILED';
+  | 'E_WRITE_FAILED'
+  /** libtorch raised an error (wrong shapes or dtypes for a model, out of memory…); the message names it. */
+  | 'E_TORCH'
+  /** A tensor or module was used after `dispose()`. */
+  | 'E_DISPOSED'
+  /** The native addon could not be loaded (the message names the missing library). */
+  | 'E_NATIVE_LOAD';
 
 /** Base class of every error the library throws deliberately. */
 export class DiffusionFeaturesError extends Error {
