@@ -1,6 +1,6 @@
 /** Helpers shared by the benchmark suites. */
 import { execFile } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { createRequire } from 'node:module';
@@ -33,14 +33,38 @@ export function threads(): number {
   return Number(process.env.OMP_NUM_THREADS) || (require('node:os') as typeof import('node:os')).availableParallelism();
 }
 
-/** A full-size SD1.5 export with random weights (made once, cached under bench/.out). */
-export async function fullSizeDir(opts: { controlnet?: boolean } = {}): Promise<string> {
+/** Files of the full-size export the suites use. */
+const FULL_FILES = ['model.json', 'unet.pt', 'vae_encoder.pt', 'text_encoder.pt', 'controlnet.pt', 'vocab.json', 'merges.txt'];
+
+/**
+ * A full-size SD1.5 export with random weights, all components (UNet, VAE, text encoder, ControlNet):
+ * `$DF_BENCH_SD15`, default bench/.out/sd15-random, built once with `weights/bench_export.py --out DIR`
+ * (float32, ≈ 5.7 GB, several minutes) when a file is missing.
+ */
+export async function fullSizeDir(): Promise<string> {
   const dir = process.env.DF_BENCH_SD15 ?? join(OUT, 'sd15-random');
-  mkdirSync(dir, { recursive: true });
-  if (!existsSync(join(dir, 'unet.pt')) || (opts.controlnet && !existsSync(join(dir, 'controlnet.pt')))) {
-    await py('make_sd15_unet.py', [dir, ...(opts.controlnet ? ['--controlnet'] : [])]);
+  if (FULL_FILES.some((f) => !existsSync(join(dir, f)))) {
+    mkdirSync(OUT, { recursive: true });
+    await run(python(), [join(ROOT, 'weights', 'bench_export.py'), '--out', dir, '--src', join(OUT, 'sd15-src')], {
+      cwd: ROOT,
+      maxBuffer: 64 << 20,
+      timeout: 60 * 60_000,
+    });
   }
   return dir;
+}
+
+/** `configs[component]` of DIR/model.json. */
+export function modelConfig(dir: string, component: string): Record<string, unknown> {
+  const m = JSON.parse(readFileSync(join(dir, 'model.json'), 'utf8')) as { configs: Record<string, Record<string, unknown>> };
+  const c = m.configs[component];
+  if (!c) throw new Error(`${dir}/model.json has no configs.${component}`);
+  return c;
+}
+
+/** Seconds since `t0` (a performance.now() value). */
+export function since(t0: number): number {
+  return (performance.now() - t0) / 1000;
 }
 
 export function fmt(x: number, digits = 3): string {

@@ -27,7 +27,10 @@ const header = [
   `# diffusion-features benchmarks`,
   `date: ${new Date().toISOString()}`,
   `machine: ${os.cpus()[0]?.model ?? 'unknown cpu'} x${os.cpus().length}, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${os.platform()} ${os.arch()}, node ${process.version}`,
-  `command: npm run bench -- ${process.argv.slice(2).join(' ')}`,
+  `command: ${Object.entries(process.env)
+    .filter(([k]) => /^(BENCH_|DF_BENCH|OMP_NUM_THREADS)/.test(k))
+    .map(([k, v]) => `${k}=${v} `)
+    .join('')}npm run bench -- ${process.argv.slice(2).join(' ')}`,
   '',
 ].join('\n');
 let report = header;

@@ -13,8 +13,12 @@ from weights.unet import UNet2DConditionModel  # noqa: E402
 d, sizes, batches, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 scripted = '--scripted' in sys.argv
 torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', os.cpu_count() or 1)))
-with open(os.path.join(d, 'unet.json')) as f:
-    cfg = json.load(f)
+if os.path.exists(os.path.join(d, 'model.json')):  # a weights/export.py folder
+    with open(os.path.join(d, 'model.json')) as f:
+        cfg = json.load(f)['configs']['unet']
+else:  # legacy unet-only folder
+    with open(os.path.join(d, 'unet.json')) as f:
+        cfg = json.load(f)
 ts = torch.jit.load(os.path.join(d, 'unet.pt'))
 if scripted:
     model = ts

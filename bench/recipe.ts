@@ -1,0 +1,153 @@
+/**
+ * The Horse-21 recipe (GATE_SPEC §7.2: four legacy+attn variants — fine-grained prompt, ControlNet canny
+ * multi-step 60→50 (12 UNet + ControlNet forwards), LoRA a1, LoRA b1), full-size SD1.5 architecture with
+ * random weights, CPU float32.
+ *
+ *   ours     — one `loadPipeline` + `extractRecipe(p, 'horse21', images, { loras })`: images decoded and
+ *              VAE-encoded once, prompt embeddings cached, canny once, each LoRA merged once.
+ *   baseline — what the reference scripts do (extract_feature.py once per variant): per variant a fresh
+ *              `loadPipeline`, `setLora` when the variant has one, `extract` with that variant's options
+ *              (re-decoding and re-encoding image and prompt), `dispose`.
+ * Ratio = baseline seconds ÷ ours seconds (target ≥ 1.5).
+ *
+ * LoRA files: two random kohya LoCon-style rank-8 files for the full UNet (bench/py/make_lora.py, cached
+ * under bench/.out).
+ *
+ * Env: BENCH_RECIPE_SIZE (512), BENCH_RECIPE_IMAGES (1), DF_BENCH_SD15, OMP_NUM_THREADS.
+ */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import os from 'node:os';
+import { setNumThreads } from '../lib/native.js';
+import { loadPipeline, type ExtractOptions, type Pipeline } from '../lib/pipeline.js';
+import { RECIPES, extractRecipe, type RecipeVariant } from '../lib/recipes.js';
+import type { LoraSpec } from '../lib/lora.js';
+import { OUT, fullSizeDir, py, table, fmt, threads, since } from './common.js';
+import { benchImages } from './pipeline.js';
+
+async function loraFiles(): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  for (const [slot, seed] of [['a1', 1], ['b1', 2]] as const) {
+    const f = join(OUT, `lora-${slot}-r8.safetensors`);
+    if (!existsSync(f)) await py('make_lora.py', [f, '--rank', '8', '--seed', String(seed)]);
+    out[slot] = f;
+  }
+  return out;
+}
+
+/** The options extractRecipe uses for a variant (lib/recipes.ts optionsOf), for the separate runs. */
+function variantOptions(v: RecipeVariant, size: number): ExtractOptions {
+  return {
+    layers: typeof v.layers === 'string' ? v.layers : [...v.layers],
+    prompt: v.prompt,
+    attention: v.attention ?? false,
+    control: v.control ?? null,
+    denoiseFrom: v.denoiseFrom,
+    t: v.t ?? 50,
+    seed: v.seed ?? 0,
+    size,
+    batchSize: 1,
+  };
+}
+
+/** Wraps an async method of `obj` to add its wall time to `acc[key(args)]`. */
+function timeMethod<T extends object>(obj: T, name: keyof T & string, acc: Record<string, number>, key: (args: unknown[]) => string): void {
+  const orig = (obj[name] as (...a: unknown[]) => Promise<unknown>).bind(obj);
+  (obj as Record<string, unknown>)[name] = async (...args: unknown[]) => {
+    const t0 = performance.now();
+    try {
+      return await orig(...args);
+    } finally {
+      const k = key(args);
+      acc[k] = (acc[k] ?? 0) + since(t0);
+    }
+  };
+}
+
+export async function run(): Promise<string> {
+  const size = Number(process.env.BENCH_RECIPE_SIZE ?? 512);
+  const nImages = Number(process.env.BENCH_RECIPE_IMAGES ?? 1);
+  setNumThreads(threads());
+  const dir = await fullSizeDir();
+  const loras = await loraFiles();
+  const images = benchImages(nImages);
+  const recipe = RECIPES.horse21!;
+  const load = { device: 'cpu', dtype: 'float32' } as const;
+
+  // --- ours: one pipeline, shared work ---
+  const ours: Record<string, number> = {};
+  const load0 = os.loadavg()[0]!;
+  let cpu0 = process.cpuUsage();
+  let t0 = performance.now();
+  const tAll = t0;
+  const p = await loadPipeline(dir, load);
+  ours.load = since(t0);
+  let variantsOut = 0;
+  try {
+    timeMethod(p.lora, 'swap', ours, (a) => ((a[0] as LoraSpec[]).length ? 'lora merge' : 'lora restore'));
+    timeMethod(p as Pipeline, 'prepareBatch', ours, () => 'decode + VAE (shared)');
+    timeMethod(p as Pipeline, 'runVariant', ours, (a) => (a[1] as { settings: Record<string, string> }).settings.variant ?? '?');
+    t0 = performance.now();
+    const res = await extractRecipe(p, recipe, images, { loras, size });
+    ours.recipe = since(t0);
+    variantsOut = Object.keys(res[0]!.variants).length;
+    res.forEach((r) => r.dispose());
+  } finally {
+    p.dispose();
+  }
+  ours.total = since(tAll);
+  let c = process.cpuUsage(cpu0);
+  const oursCpu = (c.user + c.system) / 1e6;
+  const load1 = os.loadavg()[0]!;
+  cpu0 = process.cpuUsage();
+
+  // --- baseline: each variant separately, fresh load each time ---
+  const base: Record<string, number> = {};
+  const tBase = performance.now();
+  for (const v of recipe.variants) {
+    t0 = performance.now();
+    const q = await loadPipeline(dir, load);
+    base[`${v.name} load`] = since(t0);
+    try {
+      if (v.lora?.length) {
+        t0 = performance.now();
+        await q.setLora(v.lora.map((s) => ({ file: loras[s]!, scale: 1 })));
+        base[`${v.name} lora merge`] = since(t0);
+      }
+      t0 = performance.now();
+      const res = await q.extract(images, variantOptions(v, size));
+      base[`${v.name} extract`] = since(t0);
+      res.forEach((f) => f.dispose());
+    } finally {
+      q.dispose();
+    }
+  }
+  base.total = since(tBase);
+  c = process.cpuUsage(cpu0);
+  const baseCpu = (c.user + c.system) / 1e6;
+
+  const sum = (o: Record<string, number>, re: RegExp) => Object.entries(o).filter(([k]) => re.test(k)).reduce((a, [, x]) => a + x, 0);
+  const rows: (string | number)[][] = [
+    ['model load', fmt(ours.load!), fmt(sum(base, / load$/))],
+    ['LoRA merge', fmt((ours['lora merge'] ?? 0) + (ours['lora restore'] ?? 0)), fmt(sum(base, / lora merge$/))],
+    ['decode + VAE (shared)', fmt(ours['decode + VAE (shared)'] ?? 0), 'in each extract'],
+    ...recipe.variants.map((v) => [
+      `${v.name}${v.control ? ' (ControlNet, 12 steps)' : ''}${v.lora ? ` (LoRA ${v.lora.join('+')})` : ''}`,
+      fmt(ours[v.name] ?? 0),
+      fmt(base[`${v.name} extract`] ?? 0),
+    ]),
+    ['**total**', `**${fmt(ours.total)}**`, `**${fmt(base.total!)}**`],
+    ['CPU seconds (process, all threads)', fmt(oursCpu), fmt(baseCpu)],
+    ['load average at start', load0.toFixed(1), load1.toFixed(1)],
+  ];
+  const ratio = base.total! / ours.total!;
+  return [
+    `Horse-21 recipe (${recipe.variants.length} variants, ${variantsOut} computed), ${size} px, ${nImages} image(s), SD1.5 full size (random weights), cpu float32, ${threads()} threads; LoRA a1/b1: random kohya LoCon rank 8 (160 UNet modules each)`,
+    '',
+    table(['seconds', 'ours (one pipeline + extractRecipe)', 'baseline (fresh run per variant)'], rows),
+    '',
+    `ratio (baseline / ours): **${ratio.toFixed(2)}** (target ≥ 1.5); ${fmt((nImages * 60) / ours.total!)} vs ${fmt((nImages * 60) / base.total!)} images/min.`,
+    `CPU-time ratio (baseline / ours): ${(baseCpu / oursCpu).toFixed(2)} (less sensitive to other load on this shared machine).`,
+    `ours: 'lora restore' (un-merge to base at the end) = ${fmt(ours['lora restore'] ?? 0)} s, included in LoRA merge.`,
+  ].join('\n');
+}
