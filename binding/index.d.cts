@@ -51,6 +51,8 @@ export interface RawAddon {
   deviceCount(): number;
   setNumThreads(n: number): void;
   getNumThreads(): number;
+  setJitOptimize(on: boolean): void;
+  getJitOptimize(): boolean;
   /** The thread count seen by a pool thread (where calls run): checks that setNumThreads reaches them. */
   workerNumThreads(): Promise<number>;
   libtorchVersion(): string;

@@ -3,7 +3,10 @@
 #include <memory>
 #include <string>
 
+#include <cstdlib>
+
 #include <ATen/Parallel.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 #include <napi.h>
@@ -24,6 +27,15 @@ namespace df {
 
 static std::atomic<int> g_threads_generation{0};
 
+// TorchScript graph-executor optimisation (profiling + specialisation). Off by default: on our models
+// (large convolutions and matmuls) it does not make warm calls faster, but the first two calls of every
+// new input shape run up to ~2x slower while it profiles. DIFFUSION_FEATURES_JIT_OPTIMIZE=1 or
+// setJitOptimize(true) turns it on. The setting is per thread in libtorch, so it is applied on every job.
+static std::atomic<bool> g_jit_optimize{[] {
+  const char* e = std::getenv("DIFFUSION_FEATURES_JIT_OPTIMIZE");
+  return e != nullptr && e[0] == '1';
+}()};
+
 void SyncThreadSettings() {
   thread_local int seen = -1;
   int gen = g_threads_generation.load();
@@ -31,6 +43,20 @@ void SyncThreadSettings() {
     at::init_num_threads();
     seen = gen;
   }
+  const bool opt = g_jit_optimize.load();
+  if (torch::jit::getGraphExecutorOptimize() != opt) torch::jit::setGraphExecutorOptimize(opt);
+}
+
+static Napi::Value SetJitOptimize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean())
+    throw MakeError(env, "setJitOptimize(on): on must be a boolean", "E_INVALID_ARGUMENT");
+  g_jit_optimize = info[0].As<Napi::Boolean>().Value();
+  return env.Undefined();
+}
+
+static Napi::Value GetJitOptimize(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), g_jit_optimize.load());
 }
 
 static Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
@@ -94,6 +120,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("deviceCount", Napi::Function::New(env, DeviceCount, "deviceCount"));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  exports.Set("setJitOptimize", Napi::Function::New(env, SetJitOptimize, "setJitOptimize"));
+  exports.Set("getJitOptimize", Napi::Function::New(env, GetJitOptimize, "getJitOptimize"));
   exports.Set("workerNumThreads", Napi::Function::New(env, WorkerNumThreads, "workerNumThreads"));
   exports.Set("libtorchVersion", Napi::Function::New(env, LibtorchVersion, "libtorchVersion"));
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo, "buildInfo"));

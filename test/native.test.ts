@@ -514,3 +514,29 @@ test('loader: a binary that cannot load is reported, naming the missing library,
   // the verdict is cached
   t.is(binding.testLoad(broken), v2);
 });
+
+test.serial('setJitOptimize toggles the graph executor and keeps results identical', async (t) => {
+  const { setJitOptimize, getJitOptimize } = await import('../lib/native.js');
+  t.false(getJitOptimize());
+  t.throws(() => setJitOptimize('yes' as unknown as boolean), { message: /boolean/ });
+  const { ScriptModule: SM, Tensor: T } = await import('../lib/native.js');
+  const ops = await SM.load(join(import.meta.dirname, '..', 'models', 'ops.pt'));
+  const x = await T.randn([2, 3, 8, 8], { seed: 3 });
+  const run = async () => {
+    const r = (await ops.call('package', [x, x])) as Awaited<ReturnType<typeof T.randn>>;
+    const v = Array.from(r.toFloat32Array());
+    r.dispose();
+    return v;
+  };
+  const off = await run();
+  setJitOptimize(true);
+  try {
+    t.true(getJitOptimize());
+    t.deepEqual(await run(), off);
+    t.deepEqual(await run(), off);
+  } finally {
+    setJitOptimize(false);
+  }
+  x.dispose();
+  ops.dispose();
+});
