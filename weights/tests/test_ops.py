@@ -168,7 +168,7 @@ class TestImageOps(unittest.TestCase):
         out = ops().preprocess(u8)
         self.assertEqual(list(out.shape), [2, 3, 5, 7])
         self.assertEqual(out.dtype, torch.float32)
-        self.assertTrue(out.is_contiguous())
+        self.assertTrue(out.is_contiguous(memory_format=torch.channels_last))  # NHWC strides, like diffusers
         want = 2.0 * (u8.numpy().astype(np.float32) / 255.0) - 1.0     # diffusers VaeImageProcessor
         self.assertTrue(np.array_equal(out.numpy(), want.transpose(0, 3, 1, 2)))
         self.assertEqual(float(ops().preprocess(torch.full((1, 1, 1, 3), 255, dtype=torch.uint8)).min()), 1.0)
