@@ -10,17 +10,24 @@
  *              (re-decoding and re-encoding image and prompt), `dispose`.
  * Ratio = baseline seconds ÷ ours seconds (target ≥ 1.5).
  *
+ * Then variant batching (`batchVariants`): two variants of one schedule (ControlNet, one step, two
+ * noise draws — the shape of the correspondence recipe's feature5/feature6 and feature1/feature2) as
+ * one batch-2 UNet/ControlNet call against two batch-1 calls, same pipeline, alternated, best of
+ * BENCH_RECIPE_REPEATS (2). This is what `batchVariants: 'auto'` is decided on, per device.
+ *
  * LoRA files: two random kohya LoCon-style rank-8 files for the full UNet (bench/py/make_lora.py, cached
  * under bench/.out).
  *
- * Env: BENCH_RECIPE_SIZE (512), BENCH_RECIPE_IMAGES (1), DF_BENCH_SD15, OMP_NUM_THREADS.
+ * Env: BENCH_RECIPE_SIZE (512), BENCH_RECIPE_IMAGES (1), BENCH_RECIPE_PARTS (main,batching),
+ * BENCH_RECIPE_DEVICE (cpu), BENCH_RECIPE_DTYPE (float32), DF_BENCH_SD15, OMP_NUM_THREADS.
  */
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import os from 'node:os';
 import { setNumThreads } from '../lib/native.js';
-import { loadPipeline, type ExtractOptions, type Pipeline } from '../lib/pipeline.js';
-import { RECIPES, extractRecipe, type RecipeVariant } from '../lib/recipes.js';
+import { loadPipeline, type ExtractOptions, type LoadOptions, type Pipeline } from '../lib/pipeline.js';
+import type { Device } from '../lib/native.js';
+import { RECIPES, extractRecipe, type Recipe, type RecipeVariant } from '../lib/recipes.js';
 import type { LoraSpec } from '../lib/lora.js';
 import { OUT, fullSizeDir, py, table, fmt, threads, since } from './common.js';
 import { benchImages } from './pipeline.js';
@@ -64,15 +71,74 @@ function timeMethod<T extends object>(obj: T, name: keyof T & string, acc: Recor
   };
 }
 
+/** Two same-schedule variants batched vs one after the other (see the module comment). */
+async function batching(dir: string, size: number, images: string[], load: Required<LoadOptions>): Promise<string> {
+  const repeats = Number(process.env.BENCH_RECIPE_REPEATS ?? 2);
+  const pair: Recipe = {
+    name: 'pair',
+    task: 'bench',
+    description: 'two noise draws of one ControlNet one-step variant',
+    loraSlots: [],
+    variants: [
+      { name: 'draw0', prompt: 'a photo', layers: 'legacy', control: 'canny', seed: 0 },
+      { name: 'draw1', prompt: 'a photo', layers: 'legacy', control: 'canny', seed: 1 },
+    ],
+  };
+  const p = await loadPipeline(dir, load);
+  const best: Record<string, number> = { batched: Infinity, separate: Infinity };
+  try {
+    // warm-up: first calls of each shape
+    for (const bv of [true, false]) (await extractRecipe(p, pair, images, { size, batchVariants: bv })).forEach((r) => r.dispose());
+    for (let k = 0; k < repeats; k++) {
+      for (const bv of [true, false]) {
+        const t0 = performance.now();
+        (await extractRecipe(p, pair, images, { size, batchVariants: bv })).forEach((r) => r.dispose());
+        const key = bv ? 'batched' : 'separate';
+        best[key] = Math.min(best[key]!, since(t0));
+      }
+    }
+  } finally {
+    p.dispose();
+  }
+  return [
+    `Variant batching: 2 variants (ControlNet + UNet, one step, legacy layers, two noise draws), ${size} px, ${images.length} image(s), ${load.device} ${load.dtype}, best of ${repeats} after a warm-up`,
+    '',
+    table(['mode', 'seconds'], [
+      ['batched (one batch-2 call)', fmt(best.batched!)],
+      ['separate (two batch-1 calls)', fmt(best.separate!)],
+    ]),
+    '',
+    `ratio (separate / batched): **${(best.separate! / best.batched!).toFixed(2)}** (> 1: batching is faster on this device)`,
+  ].join('\n');
+}
+
 export async function run(): Promise<string> {
+  const parts = (process.env.BENCH_RECIPE_PARTS ?? 'main,batching').split(',');
   const size = Number(process.env.BENCH_RECIPE_SIZE ?? 512);
+  const device = (process.env.BENCH_RECIPE_DEVICE ?? 'cpu') as Device;
+  const dtype = (process.env.BENCH_RECIPE_DTYPE ?? 'float32') as Required<LoadOptions>['dtype'];
   const nImages = Number(process.env.BENCH_RECIPE_IMAGES ?? 1);
   setNumThreads(threads());
   const dir = await fullSizeDir();
   const loras = await loraFiles();
   const images = benchImages(nImages);
   const recipe = RECIPES.horse21!;
-  const load = { device: 'cpu', dtype: 'float32' } as const;
+  const load: Required<LoadOptions> = { device, dtype };
+  const sections: string[] = [];
+  if (parts.includes('main')) sections.push(await horse21(dir, size, nImages, images, loras, recipe, load));
+  if (parts.includes('batching')) sections.push(await batching(dir, size, images, load));
+  return sections.join('\n\n');
+}
+
+async function horse21(
+  dir: string,
+  size: number,
+  nImages: number,
+  images: string[],
+  loras: Record<string, string>,
+  recipe: Recipe,
+  load: Required<LoadOptions>,
+): Promise<string> {
 
   // --- ours: one pipeline, shared work ---
   const ours: Record<string, number> = {};
@@ -142,7 +208,7 @@ export async function run(): Promise<string> {
   ];
   const ratio = base.total! / ours.total!;
   return [
-    `Horse-21 recipe (${recipe.variants.length} variants, ${variantsOut} computed), ${size} px, ${nImages} image(s), SD1.5 full size (random weights), cpu float32, ${threads()} threads; LoRA a1/b1: random kohya LoCon rank 8 (160 UNet modules each)`,
+    `Horse-21 recipe (${recipe.variants.length} variants, ${variantsOut} computed), ${size} px, ${nImages} image(s), SD1.5 full size (random weights), ${load.device} ${load.dtype}, ${threads()} threads; LoRA a1/b1: random kohya LoCon rank 8 (160 UNet modules each)`,
     '',
     table(['seconds', 'ours (one pipeline + extractRecipe)', 'baseline (fresh run per variant)'], rows),
     '',

@@ -240,6 +240,7 @@ interface RecipeCli {
   seed: number;
   size?: number;
   batchSize: number;
+  batchVariants?: 'auto' | 'on' | 'off';
   device: Device;
   dtype: 'auto' | 'float32' | 'float16';
   overwrite?: boolean;
@@ -273,6 +274,7 @@ export async function runRecipe(images: string[], o: RecipeCli): Promise<number>
         seed: o.seed,
         size: o.size,
         batchSize: o.batchSize,
+        batchVariants: o.batchVariants === 'on' ? true : o.batchVariants === 'off' ? false : 'auto',
         amalgamate: true,
         onProgress: (p) => bar?.update(p.done, { variant: p.variant, stage: p.stage }),
       });
@@ -319,6 +321,7 @@ program
   .addOption(new Option('--recipe <name>', 'compute a GATE recipe instead (GATE_SPEC §7; same as the recipe command)').choices(Object.keys(RECIPES)))
   .option('--lora-slot <slot=file[:scale]>', 'with --recipe: LoRA file for a recipe slot (repeatable)', loraSlotArg, {})
   .option('--skip-missing-lora', 'with --recipe: skip variants whose LoRA slot has no file')
+  .addOption(new Option('--batch-variants <mode>', 'with --recipe: run variants of one schedule as one batched UNet call (auto: on CUDA)').choices(['auto', 'on', 'off']).default('auto'))
   .option('--lora-text-encoder', 'also apply the text-encoder part of the LoRA files')
   .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('auto'))
   .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
@@ -331,7 +334,7 @@ program
   .option('--no-progress', 'no progress bar')
   .requiredOption('--out <dir>', 'output folder')
   .argument('<images...>', 'image files (any format sharp reads)')
-  .action(async (images: string[], o: ExtractCli & { recipe?: string; loraSlot?: RecipeCli['loraSlot']; skipMissingLora?: boolean }) => {
+  .action(async (images: string[], o: ExtractCli & { recipe?: string; loraSlot?: RecipeCli['loraSlot']; skipMissingLora?: boolean; batchVariants?: RecipeCli['batchVariants'] }) => {
     if (o.recipe) {
       process.exitCode = await runRecipe(images, { ...o, recipe: o.recipe });
       return;
@@ -349,6 +352,7 @@ program
   .option('--seed <n>', 'base noise seed', intArg('--seed'), 0)
   .option('--size <n>', 'images are resized to N×N (default: the model default_size)', intArg('--size'))
   .option('--batch-size <n>', 'images per model call', intArg('--batch-size'), 1)
+  .addOption(new Option('--batch-variants <mode>', 'run variants of one schedule as one batched UNet call (auto: on CUDA)').choices(['auto', 'on', 'off']).default('auto'))
   .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('auto'))
   .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
   .option('--overwrite', 'redo images whose output exists')

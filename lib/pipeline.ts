@@ -564,17 +564,56 @@ export class Pipeline {
 
   /** @internal Runs one set of extraction options on a prepared batch. */
   async runVariant(ctx: BatchContext, plan: Plan, o: ExtractOptions): Promise<ImageFeatures[]> {
+    return (await this.runVariants(ctx, [{ plan, o }]))[0]!;
+  }
+
+  /**
+   * @internal Whether two planned variants can run as one batched UNet (and ControlNet) call: same
+   * schedule (control, scale, timesteps, scheduler, posterior, resize) and prompt embeddings of the
+   * same length. Prompt, noise seed, layers and attention may differ.
+   */
+  batchable(a: { plan: Plan; o: ExtractOptions }, b: { plan: Plan; o: ExtractOptions }): boolean {
+    const same = (x: number[], y: number[]): boolean => x.length === y.length && x.every((v, i) => v === y[i]);
+    return (
+      (a.o.control ?? null) === (b.o.control ?? null) &&
+      a.plan.controlScale === b.plan.controlScale &&
+      a.plan.size === b.plan.size &&
+      a.plan.noiseT === b.plan.noiseT &&
+      a.plan.unetT === b.plan.unetT &&
+      same(a.plan.denoiseSteps, b.plan.denoiseSteps) &&
+      a.plan.scheduler === b.plan.scheduler &&
+      a.plan.posterior === b.plan.posterior &&
+      a.plan.featureResize === b.plan.featureResize &&
+      this.tokenizer.chunks(a.o.prompt ?? '').length === this.tokenizer.chunks(b.o.prompt ?? '').length
+    );
+  }
+
+  /**
+   * @internal Runs several variants (see {@link Pipeline.batchable}) on one prepared batch as one
+   * batched denoising loop and final forward: the batch is variant-major (V·B rows), each variant
+   * with its own prompt embedding and noise draws, the captured layers the union of theirs. Progress
+   * and abort go through the first variant's options. Resolves to the features per variant.
+   */
+  async runVariants(ctx: BatchContext, items: readonly { plan: Plan; o: ExtractOptions }[]): Promise<ImageFeatures[][]> {
+    if (items.length === 0) return [];
+    for (const it of items.slice(1)) {
+      if (!this.batchable(items[0]!, it)) throw new InvalidArgumentError('runVariants: the variants do not share a schedule and cannot be batched');
+    }
     const ops = this.m.ops;
     const scope = new Scope();
     const { start, B, total } = ctx;
-    const { latent } = plan;
-    const progress = (p: Omit<Progress, 'total'>): void => o.onProgress?.({ ...p, total });
+    const V = items.length;
+    const head = items[0]!;
+    const { latent } = head.plan;
+    const progress = (p: Omit<Progress, 'total'>): void => head.o.onProgress?.({ ...p, total });
     const aborted = (): void => {
-      if (o.signal?.aborted) throw new DiffusionFeaturesError('E_ABORTED', 'extraction aborted');
+      if (head.o.signal?.aborted) throw new DiffusionFeaturesError('E_ABORTED', 'extraction aborted');
     };
+    const cat0 = async (xs: Tensor[], what: string): Promise<Tensor> =>
+      xs.length === 1 ? xs[0]! : scope.add(asTensor(await ops.call('cat', xs, 0), what));
     try {
       const dev = this.device as Device;
-      const noiseFor = async (kind: 0 | 1): Promise<Tensor> => {
+      const noiseFor = async (plan: Plan, o: ExtractOptions, kind: 0 | 1): Promise<Tensor> => {
         const given = kind === 0 ? o.noise?.vaeNoise : o.noise?.noise;
         if (given) {
           const rows = scope.add(asTensor(await ops.call('rows', given, start, B), 'ops.rows'));
@@ -585,24 +624,33 @@ export class Pipeline {
           const seed = streamSeed(plan.seed, (o.seedOffset ?? 0) + start + i, kind);
           parts.push(scope.add(await Tensor.randn([1, 4, latent, latent], { seed, device: dev, dtype: this.dtype })));
         }
-        return parts.length === 1 ? parts[0]! : scope.add(asTensor(await ops.call('cat', parts, 0), 'ops.cat'));
+        return cat0(parts, 'ops.cat');
       };
-      const sample = plan.posterior === 'sample';
-      const vaeNoise = sample ? await noiseFor(0) : null;
-      const z0 = scope.add(asTensor(await ops.call('posterior', ctx.mean, ctx.logvar, vaeNoise, sample, this.model.scaling_factor), 'posterior'));
-      const noise = await noiseFor(1);
-      let latents = scope.add(asTensor(await ops.call('add_noise', z0, noise, plan.noiseT), 'add_noise'));
+      const sample = head.plan.posterior === 'sample';
+      const latentParts: Tensor[] = [];
+      for (const { plan, o } of items) {
+        const vaeNoise = sample ? await noiseFor(plan, o, 0) : null;
+        const z0 = scope.add(asTensor(await ops.call('posterior', ctx.mean, ctx.logvar, vaeNoise, sample, this.model.scaling_factor), 'posterior'));
+        const noise = await noiseFor(plan, o, 1);
+        latentParts.push(scope.add(asTensor(await ops.call('add_noise', z0, noise, plan.noiseT), 'add_noise')));
+      }
+      let latents = await cat0(latentParts, 'ops.cat');
 
       progress({ stage: 'text', done: start });
-      const ehs1 = await this.encodePromptNow(o.prompt ?? '');
-      const ehs = B === 1 ? ehs1 : scope.add(asTensor(await ops.call('repeat_batch', ehs1, B), 'repeat_batch'));
+      const ehsParts: Tensor[] = [];
+      for (const { o } of items) {
+        const ehs1 = await this.encodePromptNow(o.prompt ?? '');
+        ehsParts.push(B === 1 ? ehs1 : scope.add(asTensor(await ops.call('repeat_batch', ehs1, B), 'repeat_batch')));
+      }
+      const ehs = await cat0(ehsParts, 'ops.cat');
 
-      if (o.control === 'canny' && !ctx.cond) {
+      const control = head.o.control === 'canny';
+      if (control && !ctx.cond) {
         const edges = ctx.scope.add(asTensor(await ops.call('canny', ctx.u8, 100.0, 200.0), 'canny'));
         const img = ctx.scope.add(asTensor(await ops.call('control_image', edges), 'control_image'));
         ctx.cond = ctx.scope.add(await img.to(dev, this.dtype));
       }
-      const cond = o.control === 'canny' ? ctx.cond : null;
+      const cond = control ? (V === 1 ? ctx.cond : scope.add(asTensor(await ops.call('repeat_batch', ctx.cond!, V), 'repeat_batch'))) : null;
       const stepTensor = async (ts: number): Promise<Tensor> => scope.add(await scope.add(Tensor.fromInt64Array([ts], [1])).to(dev));
       const unetAt = async (lat: Tensor, ts: number, cap: string[]): Promise<Record<string, Tensor>> => {
         const tsT = await stepTensor(ts);
@@ -610,7 +658,7 @@ export class Pipeline {
         let mid: Tensor | null = null;
         if (cond) {
           const cn = await this.controlnet();
-          const res = (await cn.forward(lat, tsT, ehs, cond, plan.controlScale)) as Tensor[];
+          const res = (await cn.forward(lat, tsT, ehs, cond, head.plan.controlScale)) as Tensor[];
           scope.addAll(res);
           down = res.slice(0, -1);
           mid = res[res.length - 1]!;
@@ -620,22 +668,24 @@ export class Pipeline {
         return out;
       };
 
-      // Multi-step denoising (GATE_SPEC §5.4).
-      if (plan.denoiseSteps.length) {
+      // Multi-step denoising (GATE_SPEC §5.4); the PLMS/DDIM updates are elementwise, so one batched
+      // loop is the same as one loop per variant.
+      const { denoiseSteps, scheduler, unetT } = head.plan;
+      if (denoiseSteps.length) {
         let ets: Tensor[] = [];
         let counter = 0;
         let cur: Tensor | null = null;
-        for (let k = 0; k < plan.denoiseSteps.length; k++) {
+        for (let k = 0; k < denoiseSteps.length; k++) {
           aborted();
-          progress({ stage: 'denoise', done: start, step: k + 1, steps: plan.denoiseSteps.length });
-          const ts = plan.denoiseSteps[k]!;
+          progress({ stage: 'denoise', done: start, step: k + 1, steps: denoiseSteps.length });
+          const ts = denoiseSteps[k]!;
           const eps = (await unetAt(latents, ts, [])).out!;
-          if (plan.scheduler === 'plms') {
+          if (scheduler === 'plms') {
             const r = (await ops.call('plms_step', eps, ts, latents, ets, counter, cur)) as [Tensor, Tensor[], number, Tensor | null];
             scope.addAll(r as IValue);
             [latents, ets, counter, cur] = r;
           } else {
-            const prev = plan.denoiseSteps[k + 1] ?? plan.unetT;
+            const prev = denoiseSteps[k + 1] ?? unetT;
             latents = scope.add(asTensor(await ops.call('ddim_step', eps, ts, prev, latents), 'ddim_step'));
           }
         }
@@ -643,38 +693,53 @@ export class Pipeline {
 
       aborted();
       progress({ stage: 'unet', done: start });
-      const out = await unetAt(latents, plan.unetT, plan.capture);
+      const capture = sortForwardOrder([...new Set(items.flatMap((it) => it.plan.capture))]);
+      const out = await unetAt(latents, unetT, capture);
 
       progress({ stage: 'handoff', done: start });
-      const feats: Record<string, Tensor> = {};
-      for (const id of plan.userIds) {
-        const f = out[id];
-        if (!f) throw new DiffusionFeaturesError('E_UNKNOWN_LAYER', `the UNet did not return layer '${id}'`);
-        feats[id] = f;
-      }
-      const attnParts: Tensor[] = [];
-      for (const c of plan.categories) {
-        const maps = (plan.mapIds.get(c) ?? []).map((id) => out[id]!);
-        if (maps.length) attnParts.push(scope.add(asTensor(await ops.call('aggregate_attention', maps, latent, plan.minQ, plan.maxQ), 'aggregate_attention')));
-      }
-      if (attnParts.length) feats.attn = attnParts.length === 1 ? attnParts[0]! : scope.add(asTensor(await ops.call('cat', attnParts, 1), 'ops.cat'));
-      if (plan.featureResize > 1) {
-        for (const id of Object.keys(feats)) {
-          if (id === 'attn') continue;
-          feats[id] = scope.add(asTensor(await ops.call('feature_resize', feats[id]!, plan.featureResize), 'feature_resize'));
+      const results: ImageFeatures[][] = [];
+      try {
+        for (let v = 0; v < V; v++) {
+          const { plan, o } = items[v]!;
+          const rowsOf = async (t: Tensor): Promise<Tensor> => (V === 1 ? t : scope.add(asTensor(await ops.call('rows', t, v * B, B), 'ops.rows')));
+          const feats: Record<string, Tensor> = {};
+          for (const id of plan.userIds) {
+            const f = out[id];
+            if (!f) throw new DiffusionFeaturesError('E_UNKNOWN_LAYER', `the UNet did not return layer '${id}'`);
+            feats[id] = await rowsOf(f);
+          }
+          const attnParts: Tensor[] = [];
+          for (const c of plan.categories) {
+            const maps: Tensor[] = [];
+            for (const id of plan.mapIds.get(c) ?? []) maps.push(await rowsOf(out[id]!));
+            if (maps.length) attnParts.push(scope.add(asTensor(await ops.call('aggregate_attention', maps, latent, plan.minQ, plan.maxQ), 'aggregate_attention')));
+          }
+          if (attnParts.length) feats.attn = attnParts.length === 1 ? attnParts[0]! : scope.add(asTensor(await ops.call('cat', attnParts, 1), 'ops.cat'));
+          if (plan.featureResize > 1) {
+            for (const id of Object.keys(feats)) {
+              if (id === 'attn') continue;
+              feats[id] = scope.add(asTensor(await ops.call('feature_resize', feats[id]!, plan.featureResize), 'feature_resize'));
+            }
+          }
+          const toSplit: Record<string, Tensor> = { ...feats };
+          if (o.packaged) toSplit.packaged = scope.add(asTensor(await ops.call('package', Object.values(feats)), 'package'));
+          const perImage = (await ops.call('split_to_cpu', toSplit)) as Record<string, Tensor>[];
+          results.push(
+            perImage.map((d, i) => {
+              const ordered: Record<string, Tensor> = {};
+              for (const k of Object.keys(feats)) ordered[k] = d[k]!;
+              const packaged = d.packaged;
+              const all = [...Object.values(ordered), ...(packaged ? [packaged] : [])];
+              const dispose = (): void => all.forEach((x) => !x.disposed && x.dispose());
+              return { name: ctx.names[i]!, features: ordered, packaged, settings: plan.settings, dispose, [Symbol.dispose]: dispose };
+            }),
+          );
         }
+      } catch (err) {
+        results.flat().forEach((r) => r.dispose());
+        throw err;
       }
-      const toSplit: Record<string, Tensor> = { ...feats };
-      if (o.packaged) toSplit.packaged = scope.add(asTensor(await ops.call('package', Object.values(feats)), 'package'));
-      const perImage = (await ops.call('split_to_cpu', toSplit)) as Record<string, Tensor>[];
-      return perImage.map((d, i) => {
-        const ordered: Record<string, Tensor> = {};
-        for (const k of Object.keys(feats)) ordered[k] = d[k]!;
-        const packaged = d.packaged;
-        const all = [...Object.values(ordered), ...(packaged ? [packaged] : [])];
-        const dispose = (): void => all.forEach((x) => !x.disposed && x.dispose());
-        return { name: ctx.names[i]!, features: ordered, packaged, settings: plan.settings, dispose, [Symbol.dispose]: dispose };
-      });
+      return results;
     } finally {
       scope.dispose();
     }

@@ -2,7 +2,8 @@
  * GATE's per-task feature recipes (GATE_SPEC §7) and {@link extractRecipe}, which computes every
  * variant of a recipe while doing the shared work once: images are decoded and VAE-encoded once per
  * batch, prompt embeddings are cached, the canny control image is computed once per batch, and the
- * variants that share weights (the same LoRA set) run back to back so each LoRA is merged once.
+ * variants that share weights (the same LoRA set) run back to back so each LoRA is merged once; those
+ * that also share a schedule can run as one batched UNet call ({@link RecipeOptions.batchVariants}).
  *
  * LoRA weights are the user's (GATE distributes its own); a recipe names LoRA *slots* (`a1`, `b1`, …)
  * that the caller maps to files.
@@ -129,6 +130,15 @@ export interface RecipeOptions {
   seed?: number;
   size?: number;
   batchSize?: number;
+  /**
+   * Run variants that share weights and schedule (same LoRA set, control, timesteps; prompt and noise
+   * seed may differ, e.g. GATE's "two noise draws") as one batched UNet/ControlNet call per step.
+   * `'auto'` (default): on CUDA, where one batched call keeps the GPU busier than two small ones; on
+   * the CPU only when asked, since there a batch of two costs about as much as two calls (see
+   * bench/results). Results match separate runs to float rounding (batched kernels may sum in
+   * another order).
+   */
+  batchVariants?: boolean | 'auto';
   /** Also compute the amalgamated tensor (all variants packaged and concatenated, in recipe order). */
   amalgamate?: boolean;
   signal?: AbortSignal;
@@ -163,7 +173,8 @@ function loraKey(v: RecipeVariant): string {
 /**
  * Computes every variant of `recipe` for `images`. Shared work (decode, VAE encode, prompt
  * encodings, canny) is done once; variants are grouped by LoRA set so each LoRA is merged once per
- * chunk of images. The pipeline's LoRA state is restored to none at the end.
+ * chunk of images, and with `batchVariants` variants of one schedule share batched UNet calls. The
+ * pipeline's LoRA state is restored to none at the end.
  */
 export async function extractRecipe(
   pipeline: Pipeline,
@@ -180,6 +191,9 @@ export async function extractRecipe(
   const unknownSlots = Object.keys(loras).filter((s) => !r.loraSlots.includes(s));
   if (unknownSlots.length) throw new InvalidArgumentError(`recipe '${r.name}' has no LoRA slot(s) ${unknownSlots.join(', ')} (slots: ${r.loraSlots.join(', ')})`);
   const variants = r.variants.filter((v) => !(v.lora ?? []).some((s) => missing.includes(s)));
+  const bv = opts.batchVariants ?? 'auto';
+  if (bv !== 'auto' && typeof bv !== 'boolean') throw new InvalidArgumentError(`batchVariants must be true, false or 'auto', got '${String(bv)}'`);
+  const batchVariants = bv === 'auto' ? pipeline.device.startsWith('cuda') : bv;
   const defaultSize = typeof pipeline.model.default_size === 'number' ? pipeline.model.default_size : 512;
   const groups = new Map<string, RecipeVariant[]>();
   for (const v of variants) {
@@ -223,14 +237,29 @@ export async function extractRecipe(
               return typeof l === 'string' ? { file: l, scale: 1 } : l;
             });
             await pipeline.lora.swap(specs, {});
-            for (const v of group) {
-              const plan = { ...plans.get(v.name)!, settings: { ...plans.get(v.name)!.settings, lora: pipeline.lora.describe(), recipe: r.name, variant: v.name } };
+            const items = group.map((v) => ({
+              v,
+              plan: { ...plans.get(v.name)!, settings: { ...plans.get(v.name)!.settings, lora: pipeline.lora.describe(), recipe: r.name, variant: v.name } },
+              o: { ...optionsOf(v), seedOffset: c0 } as ExtractOptions,
+            }));
+            // Variants that can share one batched call (same schedule), in recipe order.
+            const batches: (typeof items)[] = [];
+            for (const it of items) {
+              const b = batchVariants ? batches.find((bb) => pipeline.batchable(bb[0]!, it)) : undefined;
+              if (b) b.push(it);
+              else batches.push([it]);
+            }
+            for (const batch of batches) {
+              const label = batch.map((it) => it.v.name).join('+');
+              const onProgress = opts.onProgress ? (p: Progress) => opts.onProgress!({ ...p, done: c0 + p.done, total: images.length, variant: label }) : undefined;
+              const run = batch.map((it, k) => ({ plan: it.plan, o: k === 0 ? { ...it.o, onProgress } : it.o }));
               for (const ctx of contexts) {
-                const o = { ...optionsOf(v), seedOffset: c0, onProgress: opts.onProgress ? (p: Progress) => opts.onProgress!({ ...p, done: c0 + p.done, total: images.length, variant: v.name }) : undefined };
-                const res = await pipeline.runVariant(ctx, plan, o);
-                res.forEach((f, i) => {
-                  perImage[c0 + ctx.start + i]![v.name] = f;
-                });
+                const res = await pipeline.runVariants(ctx, run);
+                res.forEach((perV, k) =>
+                  perV.forEach((f, i) => {
+                    perImage[c0 + ctx.start + i]![batch[k]!.v.name] = f;
+                  }),
+                );
               }
             }
           }

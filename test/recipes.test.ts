@@ -83,6 +83,49 @@ test.serial('horse21: shared-work variants equal separate extractions; amalgamat
   }
 });
 
+test.serial('correspondence: batchVariants runs same-schedule variants as one batch, equal to separate runs', async (t) => {
+  t.timeout(5 * 60_000);
+  const cl = { loraA: loras.a1, loraB: loras.b1 };
+  const calls: string[][] = [];
+  const orig = pipe.runVariants.bind(pipe);
+  pipe.runVariants = async (ctx, items) => {
+    calls.push(items.map((it) => it.plan.settings.variant!));
+    return orig(ctx, items);
+  };
+  let batched, separate;
+  try {
+    batched = await extractRecipe(pipe, 'correspondence', IMAGES, { loras: cl, seed: 3, batchVariants: true, batchSize: 2 });
+    t.deepEqual(calls.map((c) => c.join('+')).sort(), ['attn', 'feature1+feature2', 'feature3', 'feature4', 'feature5+feature6'].sort());
+    calls.length = 0;
+    separate = await extractRecipe(pipe, 'correspondence', IMAGES, { loras: cl, seed: 3, batchVariants: false, batchSize: 2 });
+    t.is(calls.length, 7);
+    t.true(calls.every((c) => c.length === 1));
+  } finally {
+    pipe.runVariants = orig;
+  }
+  try {
+    for (const [i, r] of batched.entries()) {
+      const s = separate[i]!;
+      t.deepEqual(Object.keys(r.variants), getRecipe('correspondence').variants.map((v) => v.name));
+      for (const [name, f] of Object.entries(r.variants)) {
+        t.deepEqual(Object.keys(f.features), Object.keys(s.variants[name]!.features));
+        for (const id of Object.keys(f.features)) {
+          const e = maxRel(f.features[id]!.toFloat32Array(), s.variants[name]!.features[id]!.toFloat32Array());
+          t.true(e < 1e-5, `${name} ${id}: ${e}`);
+        }
+      }
+      // the two noise draws of one batch stay different draws
+      const a = r.variants.feature5!.features['up-level1-upsampler-out']!.toFloat32Array();
+      const b = r.variants.feature6!.features['up-level1-upsampler-out']!.toFloat32Array();
+      t.true(maxRel(a, b) > 1e-3);
+    }
+  } finally {
+    batched.forEach((r) => r.dispose());
+    separate.forEach((r) => r.dispose());
+  }
+  await t.throwsAsync(extractRecipe(pipe, 'correspondence', IMAGES, { loras: cl, batchVariants: 'yes' as never }), { message: /batchVariants must be/ });
+});
+
 test.serial('missing LoRA slots are an error unless skipped', async (t) => {
   await t.throwsAsync(extractRecipe(pipe, 'horse21', IMAGES.slice(0, 1), {}), { message: /slot\(s\) a1, b1/ });
   await t.throwsAsync(extractRecipe(pipe, 'horse21', IMAGES.slice(0, 1), { loras: { zz: 'x' } as never, skipMissingLora: true }), { message: /no LoRA slot/ });
