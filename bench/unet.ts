@@ -2,7 +2,10 @@
  * UNet forward, full SD1.5 size (random weights), float32 on the CPU (or the device of
  * DF_BENCH_DEVICE): the exported TorchScript through the addon against the same model run eagerly in
  * Python (our weights/ definitions, same weights, same inputs shape, same machine, same run).
- * Ratio = python seconds / addon seconds (> 1: the addon is faster).
+ * Ratio = python seconds / addon seconds (> 1: the addon is faster). A second Python column runs the
+ * eager model with unsliced attention (the full score matrix, as diffusers' AttnProcessor does on a
+ * torch without SDPA): the reference-like baseline, showing what the CPU query slicing of
+ * weights/blocks.py MathCore gains.
  *
  * Env: BENCH_SIZES (default 256,512), BENCH_BATCHES (1,4), BENCH_REPS (1). Each shape is warmed up once.
  */
@@ -40,13 +43,19 @@ export async function run(): Promise<string> {
     unet.dispose();
   }
   let base: Record<string, number> = {};
-  if (device === 'cpu') base = JSON.parse(await py('unet_eager.py', [dir, sizes.join(','), batches.join(','), String(reps)])) as Record<string, number>;
+  let unsliced: Record<string, number> = {};
+  if (device === 'cpu') {
+    const args = [dir, sizes.join(','), batches.join(','), String(reps)];
+    base = JSON.parse(await py('unet_eager.py', args)) as Record<string, number>;
+    unsliced = JSON.parse(await py('unet_eager.py', [...args, '--unsliced'])) as Record<string, number>;
+  }
   const rows = Object.entries(addon).map(([k, v]) => {
     const p = base[k];
-    return [k.replace('x', ' × ') + ' px', fmt(v), p ? fmt(p) : '-', p ? (p / v).toFixed(2) : '-'];
+    const u = unsliced[k];
+    return [k.replace('x', ' × ') + ' px', fmt(v), p ? fmt(p) : '-', p ? (p / v).toFixed(2) : '-', u ? fmt(u) : '-', u ? (u / v).toFixed(2) : '-'];
   });
   return [
     `UNet forward, SD1.5 full size, random weights, ${device} ${dtype}, ${threads()} threads, ${reps} rep(s) after 1 warm-up`,
-    table(['batch × size', 'addon s', 'python eager s', 'ratio (python/addon)'], rows),
+    table(['batch × size', 'addon s', 'python eager s', 'ratio (python/addon)', 'python eager, unsliced attention s', 'ratio (unsliced/addon)'], rows),
   ].join('\n');
 }
