@@ -152,7 +152,7 @@ async function horse21(
   try {
     timeMethod(p.lora, 'swap', ours, (a) => ((a[0] as LoraSpec[]).length ? 'lora merge' : 'lora restore'));
     timeMethod(p as Pipeline, 'prepareBatch', ours, () => 'decode + VAE (shared)');
-    timeMethod(p as Pipeline, 'runVariant', ours, (a) => (a[1] as { settings: Record<string, string> }).settings.variant ?? '?');
+    timeMethod(p as Pipeline, 'runVariants', ours, (a) => (a[1] as { plan: { settings: Record<string, string> } }[]).map((it) => it.plan.settings.variant ?? '?').join('+'));
     t0 = performance.now();
     const res = await extractRecipe(p, recipe, images, { loras, size });
     ours.recipe = since(t0);
@@ -213,8 +213,10 @@ async function horse21(
   // ours cannot take less than this.
   const multi = recipe.variants.filter((v) => v.denoiseFrom !== undefined);
   const single = recipe.variants.filter((v) => v.denoiseFrom === undefined);
-  const fastestSingle = Math.min(...single.map((v) => ours[v.name] ?? Infinity));
-  const floor = multi.reduce((a, v) => a + (ours[v.name] ?? 0), 0) + single.length * (Number.isFinite(fastestSingle) ? fastestSingle : 0);
+  const timed = single.map((v) => ours[v.name]).filter((x): x is number => x !== undefined);
+  if (timed.length !== single.length || multi.some((v) => ours[v.name] === undefined)) throw new Error('recipe bench: a variant was not timed (did Pipeline.runVariants change?)');
+  const fastestSingle = Math.min(...timed);
+  const floor = multi.reduce((a, v) => a + ours[v.name]!, 0) + single.length * fastestSingle;
   return [
     `Horse-21 recipe (${recipe.variants.length} variants, ${variantsOut} computed), ${size} px, ${nImages} image(s), SD1.5 full size (random weights), ${load.device} ${load.dtype}, ${threads()} threads; LoRA a1/b1: random kohya LoCon rank 8 (160 UNet modules each)`,
     '',

@@ -139,7 +139,7 @@ test.serial('CLI extract --recipe writes variants and the amalgamated tensor', a
   const out = await mkdtemp(join(tmpdir(), 'df-recipe-'));
   try {
     await run(process.execPath, [join(ROOT, 'dist', 'cli.js'), 'extract', '--recipe', 'bedroom28', '--weights', WEIGHTS, '--device', 'cpu',
-      '--lora-slot', `lora=${loras.a1}`, '--out', out, IMAGES[0]!]);
+      '--lora-slot', `lora=${loras.a1}`, '--batch-variants', 'on', '--out', out, IMAGES[0]!]);
     const f = await SafetensorsFile.open(join(out, 'chelsea.safetensors'));
     t.is(f.metadata.recipe, 'bedroom28');
     t.true(f.has('feature2/attn'));

@@ -5,7 +5,7 @@
 #          bash bench/gpu/run.sh
 # Builds the addon against the machine's torch (CUDA), exports the micro model with that torch (checks the
 # torch 2.x scripting path), runs the Python parity tests and the ava suite (incl. test/cuda.test.ts), then
-# the UNet/pipeline/canny benchmarks on CUDA. Everything it prints and writes lands in $OUT.
+# the UNet/canny/native and recipe benchmarks on CUDA. Everything it prints and writes lands in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,4 +32,7 @@ DF_TEST_WEIGHTS=/tmp/micro-t2 node node_modules/ava/entrypoints/cli.mjs test/e2e
 log "benchmarks on CUDA"
 DF_BENCH_DEVICE=cuda BENCH_SIZES=256,512 BENCH_BATCHES=1,4 BENCH_REPS=5 \
   node --import tsx bench/run.ts --only unet,canny,native --out "$OUT/bench-cuda.md" > "$OUT/bench.log" 2>&1; log "bench rc=$?"
+log "recipe benchmarks on CUDA (Horse-21 shared vs separate; batchVariants batched vs separate, which 'auto' relies on)"
+BENCH_RECIPE_DEVICE=cuda BENCH_RECIPE_DTYPE=float16 BENCH_RECIPE_SIZE=512 BENCH_RECIPE_REPEATS=5 \
+  node --import tsx bench/run.ts --only recipe --out "$OUT/bench-cuda-recipe.md" > "$OUT/bench-recipe.log" 2>&1; log "recipe bench rc=$?"
 cat "$OUT/summary.txt"
