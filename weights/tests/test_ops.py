@@ -80,13 +80,6 @@ class TestScheduler(unittest.TestCase):
         a = ops().alphas_cumprod().half()[51]
         want = a ** 0.5 * g["in.x0"].half() + (1 - a) ** 0.5 * g["in.noise"].half()
         self.assertTrue(torch.equal(h, want))
-        # a channels-last z0 (what the VAE gives for channels-last pixels) comes back NCHW-contiguous
-        cl = g["in.x0"].contiguous(memory_format=torch.channels_last)
-        if cl.dim() == 4 and cl.size(1) > 1 and cl.size(2) * cl.size(3) > 1:
-            self.assertFalse(cl.is_contiguous())
-        out = ops().add_noise(cl, g["in.noise"], 51)
-        self.assertTrue(out.is_contiguous())
-        self.assertLessEqual(rel(out, g["add_noise.t51"]), 1e-6)
         with self.assertRaises(Exception):
             ops().add_noise(g["in.x0"], g["in.noise"], 1000)
 
