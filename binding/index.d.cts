@@ -53,6 +53,9 @@ export interface RawAddon {
   getNumThreads(): number;
   setJitOptimize(on: boolean): void;
   getJitOptimize(): boolean;
+  cpuCache(): { enabled: boolean; limitBytes: number; cachedBytes: number; inUseBytes: number; hits: number; misses: number };
+  emptyCpuCache(): number;
+  setCpuCacheLimit(bytes: number): void;
   /** The thread count seen by a pool thread (where calls run): checks that setNumThreads reaches them. */
   workerNumThreads(): Promise<number>;
   libtorchVersion(): string;

@@ -156,6 +156,46 @@ export function getJitOptimize(): boolean {
   return native(() => addon().getJitOptimize());
 }
 
+/** State of the addon's caching CPU allocator (see {@link emptyCpuCache}). */
+export interface CpuCacheInfo {
+  /** False when turned off with `DIFFUSION_FEATURES_CPU_CACHE_MB=0`. */
+  enabled: boolean;
+  /** Most bytes of free blocks kept for reuse (default 4 GiB; `DIFFUSION_FEATURES_CPU_CACHE_MB`). */
+  limitBytes: number;
+  /** Bytes of free blocks held for reuse now. */
+  cachedBytes: number;
+  /** Bytes of cached-size blocks handed out and not yet freed. */
+  inUseBytes: number;
+  /** Large allocations served from the cache. */
+  hits: number;
+  /** Large allocations that went to the system. */
+  misses: number;
+}
+
+/**
+ * The caching CPU allocator. CPU tensors of 1 MiB or more are allocated through it: freed blocks are
+ * kept (by size class) and handed out again, so the activations of a large model are not page-faulted
+ * and zero-filled by the system on every forward (the SD1.5 VAE encoder at 512 px ran about 1.7×
+ * faster on 2 cores). The process therefore keeps up to `limitBytes` of freed memory; see
+ * {@link emptyCpuCache} and {@link setCpuCacheLimit}.
+ */
+export function cpuCache(): CpuCacheInfo {
+  return native(() => addon().cpuCache());
+}
+
+/** Returns every cached free block to the system and gives the number of bytes released. */
+export function emptyCpuCache(): number {
+  return native(() => addon().emptyCpuCache());
+}
+
+/** Sets the most bytes of free blocks the CPU cache keeps (0: keep none); frees what is above it. */
+export function setCpuCacheLimit(bytes: number): void {
+  if (typeof bytes !== 'number' || !Number.isSafeInteger(bytes) || bytes < 0) {
+    throw invalid(`setCpuCacheLimit(bytes): bytes must be a non-negative integer, got ${String(bytes)}`);
+  }
+  native(() => addon().setCpuCacheLimit(bytes));
+}
+
 /** The libtorch version the addon was compiled against (e.g. '1.13.0'). */
 export function libtorchVersion(): string {
   return native(() => addon().libtorchVersion());

@@ -11,6 +11,7 @@
 #include <torch/version.h>
 #include <napi.h>
 
+#include "cpu_cache.h"
 #include "errors.h"
 #include "module.h"
 #include "tensor.h"
@@ -110,7 +111,36 @@ static Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+static Napi::Value CpuCache(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CpuCacheStats s = CpuCacheInfo();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("enabled", s.enabled);
+  o.Set("limitBytes", static_cast<double>(s.limit_bytes));
+  o.Set("cachedBytes", static_cast<double>(s.cached_bytes));
+  o.Set("inUseBytes", static_cast<double>(s.in_use_bytes));
+  o.Set("hits", static_cast<double>(s.hits));
+  o.Set("misses", static_cast<double>(s.misses));
+  return o;
+}
+
+static Napi::Value EmptyCpuCacheJs(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(EmptyCpuCache()));
+}
+
+static Napi::Value SetCpuCacheLimitJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    throw MakeError(env, "setCpuCacheLimit(bytes): bytes must be a number", "E_INVALID_ARGUMENT");
+  }
+  const double b = info[0].As<Napi::Number>().DoubleValue();
+  if (!(b >= 0) || b > 9.0e15) throw MakeError(env, "setCpuCacheLimit(bytes): bytes must be a non-negative integer", "E_INVALID_ARGUMENT");
+  SetCpuCacheLimit(static_cast<std::size_t>(b));
+  return env.Undefined();
+}
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  InstallCpuCache();  // before any tensor is made through this addon
   env.SetInstanceData<AddonData>(new AddonData());  // owned and deleted by the env
   InitWorkers(env);
   exports.Set("RawTensor", TensorWrap::Init(env));
@@ -125,6 +155,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("workerNumThreads", Napi::Function::New(env, WorkerNumThreads, "workerNumThreads"));
   exports.Set("libtorchVersion", Napi::Function::New(env, LibtorchVersion, "libtorchVersion"));
   exports.Set("buildInfo", Napi::Function::New(env, BuildInfo, "buildInfo"));
+  exports.Set("cpuCache", Napi::Function::New(env, CpuCache, "cpuCache"));
+  exports.Set("emptyCpuCache", Napi::Function::New(env, EmptyCpuCacheJs, "emptyCpuCache"));
+  exports.Set("setCpuCacheLimit", Napi::Function::New(env, SetCpuCacheLimitJs, "setCpuCacheLimit"));
   return exports;
 }
 

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import {
-  ScriptModule, Tensor, cudaAvailable, deviceCount, getNumThreads, libtorchVersion, resolveDevice, setNumThreads,
+  ScriptModule, Tensor, cpuCache, cudaAvailable, emptyCpuCache, setCpuCacheLimit, deviceCount, getNumThreads, libtorchVersion, resolveDevice, setNumThreads,
   type IValue,
 } from '../lib/native.js';
 
@@ -539,4 +539,58 @@ test.serial('setJitOptimize toggles the graph executor and keeps results identic
   }
   x.dispose();
   ops.dispose();
+});
+
+test.serial('the caching CPU allocator reuses large blocks, keeps values right, and can be emptied or limited', async (t) => {
+  t.true(cpuCache().enabled);
+  emptyCpuCache();
+  const before = cpuCache();
+  t.is(before.cachedBytes, 0);
+  const shape = [1, 1024, 1024]; // 4 MiB of float32: above the 1 MiB threshold
+  // (no toFloat32Array before a dispose here: a zero-copy view keeps the block alive until GC)
+  const a = await Tensor.randn(shape, { seed: 7 });
+  t.true(cpuCache().misses > before.misses);
+  a.dispose();
+  const afterFree = cpuCache();
+  t.true(afterFree.cachedBytes >= 4 << 20, `cached ${afterFree.cachedBytes}`);
+  // the freed block is handed out again, and the values written into it are the right ones
+  const b = await Tensor.randn(shape, { seed: 7 });
+  t.true(cpuCache().hits > afterFree.hits);
+  const c = await Tensor.randn(shape, { seed: 7 }); // a second live block of the same class: fresh memory
+  t.deepEqual(b.toFloat32Array(), c.toFloat32Array());
+  t.true(cpuCache().inUseBytes >= 8 << 20);
+  b.dispose();
+  c.dispose();
+  for (let i = 0; i < 3; i++) {
+    (globalThis as { gc?: () => void }).gc?.();
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  t.true(emptyCpuCache() >= 8 << 20);
+  t.is(cpuCache().cachedBytes, 0);
+  // limit 0: freed blocks go straight back to the system
+  const limit = cpuCache().limitBytes;
+  setCpuCacheLimit(0);
+  try {
+    (await Tensor.randn(shape, { seed: 1 })).dispose();
+    t.is(cpuCache().cachedBytes, 0);
+  } finally {
+    setCpuCacheLimit(limit);
+  }
+  t.is(cpuCache().limitBytes, limit);
+  t.throws(() => setCpuCacheLimit(-1), { message: /non-negative integer/ });
+  t.throws(() => setCpuCacheLimit(1.5), { message: /non-negative integer/ });
+  // small tensors bypass the cache
+  const s0 = cpuCache();
+  (await Tensor.randn([16], { seed: 1 })).dispose();
+  t.is(cpuCache().hits + cpuCache().misses, s0.hits + s0.misses);
+  // DIFFUSION_FEATURES_CPU_CACHE_MB=0 turns it off (and sets the limit when a number)
+  const probe = (mb: string): { enabled: boolean; limitBytes: number } => {
+    const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e',
+      `const n = await import(${JSON.stringify(join(root, 'lib', 'native.ts'))}); console.log(JSON.stringify(n.cpuCache()));`],
+    { env: { ...process.env, DIFFUSION_FEATURES_CPU_CACHE_MB: mb }, encoding: 'utf8' });
+    t.is(r.status, 0, r.stderr);
+    return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { enabled: boolean; limitBytes: number };
+  };
+  t.false(probe('0').enabled);
+  t.deepEqual(probe('64'), { ...probe('64'), enabled: true, limitBytes: 64 << 20 });
 });
