@@ -10,6 +10,13 @@
  *              (re-decoding and re-encoding image and prompt), `dispose`.
  * Ratio = baseline seconds ÷ ours seconds (target ≥ 1.5).
  *
+ * `processes` part: the same comparison the literal way, one process per run as the reference scripts run
+ * (`extract_feature.py` once per variant): ours = one `diffusion-features recipe` command, baseline = one
+ * `diffusion-features extract` command per variant with that variant's flags. Each process pays its own
+ * start, model load and first-call warm-up (allocator cache, oneDNN primitives), as the reference's do;
+ * in-process, the baseline inherits those from the runs before it. The weight files are read once
+ * before, so both sides start with a warm page cache.
+ *
  * Then variant batching (`batchVariants`): two variants of one schedule (ControlNet, one step, two
  * noise draws — the shape of the correspondence recipe's feature5/feature6 and feature1/feature2) as
  * one batch-2 UNet/ControlNet call against two batch-1 calls, same pipeline, alternated, best of
@@ -18,18 +25,21 @@
  * LoRA files: two random kohya LoCon-style rank-8 files for the full UNet (bench/py/make_lora.py, cached
  * under bench/.out).
  *
- * Env: BENCH_RECIPE_SIZE (512), BENCH_RECIPE_IMAGES (1), BENCH_RECIPE_PARTS (main,batching),
+ * Env: BENCH_RECIPE_SIZE (512), BENCH_RECIPE_IMAGES (1), BENCH_RECIPE_PARTS (main,processes,batching),
  * BENCH_RECIPE_DEVICE (cpu), BENCH_RECIPE_DTYPE (float32), DF_BENCH_SD15, OMP_NUM_THREADS.
  */
-import { existsSync } from 'node:fs';
+import { createReadStream, existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import os from 'node:os';
 import { setNumThreads } from '../lib/native.js';
 import { loadPipeline, type ExtractOptions, type LoadOptions, type Pipeline } from '../lib/pipeline.js';
 import type { Device } from '../lib/native.js';
 import { RECIPES, extractRecipe, type Recipe, type RecipeVariant } from '../lib/recipes.js';
 import type { LoraSpec } from '../lib/lora.js';
-import { OUT, fullSizeDir, py, table, fmt, threads, since } from './common.js';
+import { OUT, ROOT, fullSizeDir, py, table, fmt, threads, since } from './common.js';
 import { benchImages } from './pipeline.js';
 
 async function loraFiles(): Promise<Record<string, string>> {
@@ -112,8 +122,51 @@ async function batching(dir: string, size: number, images: string[], load: Requi
   ].join('\n');
 }
 
+/** Ours and the baseline as separate CLI processes (see the module comment). */
+async function horse21Processes(dir: string, size: number, images: string[], loras: Record<string, string>, recipe: Recipe, load: Required<LoadOptions>): Promise<string> {
+  const cli = join(ROOT, 'dist', 'cli.js');
+  if (!existsSync(cli)) throw new Error('recipe bench (processes): dist/cli.js is missing; run `npx tsup` first');
+  for (const f of ['unet.pt', 'controlnet.pt', 'vae_encoder.pt', 'text_encoder.pt']) {
+    await new Promise<void>((res, rej) => createReadStream(join(dir, f)).on('data', () => undefined).on('end', res).on('error', rej));
+  }
+  const exec = promisify(execFile);
+  const tmp = mkdtempSync(join(tmpdir(), 'df-bench-recipe-'));
+  const common = ['--weights', dir, '--device', load.device, '--dtype', load.dtype, '--size', String(size)];
+  const timed = async (args: string[]): Promise<number> => {
+    const t0 = performance.now();
+    await exec(process.execPath, [cli, ...args], { maxBuffer: 1 << 24 });
+    return since(t0);
+  };
+  try {
+    const ours = await timed(['recipe', '--recipe', recipe.name, ...common, ...Object.entries(loras).flatMap(([k, f]) => ['--lora-slot', `${k}=${f}`]), '--out', join(tmp, 'ours'), ...images]);
+    const base: [string, number][] = [];
+    for (const v of recipe.variants) {
+      const args = ['extract', ...common, '--layers', typeof v.layers === 'string' ? v.layers : v.layers.join(','), '--prompt', v.prompt, '--seed', String(v.seed ?? 0), '--no-progress'];
+      if (v.attention) args.push('--attention');
+      if (v.control) args.push('--control', v.control);
+      if (v.denoiseFrom !== undefined) args.push('--denoise-from', String(v.denoiseFrom));
+      for (const slot of v.lora ?? []) args.push('--lora', loras[slot]!);
+      base.push([v.name, await timed([...args, '--out', join(tmp, v.name), ...images])]);
+    }
+    const baseTotal = base.reduce((a, [, x]) => a + x, 0);
+    return [
+      `Horse-21 recipe, one process per run (the reference scripts' way), ${size} px, ${images.length} image(s), ${load.device} ${load.dtype}, ${threads()} threads`,
+      '',
+      table(['process', 'seconds'], [
+        ['ours: `diffusion-features recipe --recipe horse21`', fmt(ours)],
+        ...base.map(([n, x]) => [`baseline: \`diffusion-features extract\` for ${n}`, fmt(x)]),
+        ['baseline total', fmt(baseTotal)],
+      ]),
+      '',
+      `ratio (baseline / ours): **${(baseTotal / ours).toFixed(2)}** (target ≥ 1.5)`,
+    ].join('\n');
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
 export async function run(): Promise<string> {
-  const parts = (process.env.BENCH_RECIPE_PARTS ?? 'main,batching').split(',');
+  const parts = (process.env.BENCH_RECIPE_PARTS ?? 'main,processes,batching').split(',');
   const size = Number(process.env.BENCH_RECIPE_SIZE ?? 512);
   const device = (process.env.BENCH_RECIPE_DEVICE ?? 'cpu') as Device;
   const dtype = (process.env.BENCH_RECIPE_DTYPE ?? 'float32') as Required<LoadOptions>['dtype'];
@@ -126,6 +179,7 @@ export async function run(): Promise<string> {
   const load: Required<LoadOptions> = { device, dtype };
   const sections: string[] = [];
   if (parts.includes('main')) sections.push(await horse21(dir, size, nImages, images, loras, recipe, load));
+  if (parts.includes('processes')) sections.push(await horse21Processes(dir, size, images, loras, recipe, load));
   if (parts.includes('batching')) sections.push(await batching(dir, size, images, load));
   return sections.join('\n\n');
 }
