@@ -34,7 +34,15 @@ export type ErrorCode =
   /** A tensor or module was used after `dispose()`. */
   | 'E_DISPOSED'
   /** The native addon could not be loaded (the message names the missing library). */
-  | 'E_NATIVE_LOAD';
+  | 'E_NATIVE_LOAD'
+  /** A file exists but may not be read or written (EACCES, EPERM), or is not a regular file. */
+  | 'E_FILE_ACCESS'
+  /** An input exceeds a configured bound (bytes, pixels, prompt length, tensor count…). */
+  | 'E_LIMIT_EXCEEDED'
+  /** An existing output was written with settings that differ from this run's. */
+  | 'E_SETTINGS_MISMATCH'
+  /** Memory (CPU or CUDA) could not be allocated. */
+  | 'E_OUT_OF_MEMORY';
 
 /** Base class of every error the library throws deliberately. */
 export class DiffusionFeaturesError extends Error {
@@ -151,6 +159,73 @@ export class WriteError extends DiffusionFeaturesError {
     super('E_WRITE_FAILED', `${file}: ${problem}`, options);
     this.file = file;
   }
+}
+
+/** A weights folder or LoRA file does not fit this release or this model (missing file, wrong format, shapes). */
+export class IncompatibleModelError extends DiffusionFeaturesError {
+  /**
+   * @param message what does not fit (names the folder or file)
+   * @param options standard `ErrorOptions`
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super('E_INCOMPATIBLE_MODEL', message, options);
+  }
+}
+
+/** The operation was stopped through its `AbortSignal` (`name` is `'AbortError'`, as for fetch). */
+export class AbortError extends DiffusionFeaturesError {
+  /**
+   * @param message what was aborted
+   * @param options standard `ErrorOptions` (e.g. `{ cause: signal.reason }`)
+   */
+  constructor(message = 'operation aborted', options?: ErrorOptions) {
+    super('E_ABORTED', message, options);
+  }
+}
+
+/** A file exists but cannot be used: permission denied, or not a regular file (FIFO, device, socket, folder). */
+export class FileAccessError extends DiffusionFeaturesError {
+  /** Path of the file. */
+  readonly file: string;
+
+  /**
+   * @param file path of the file
+   * @param problem what is wrong (e.g. `permission denied (EACCES)`)
+   * @param options standard `ErrorOptions`
+   */
+  constructor(file: string, problem: string, options?: ErrorOptions) {
+    super('E_FILE_ACCESS', `${file}: ${problem}`, options);
+    this.file = file;
+  }
+}
+
+/** An input is larger than a configured bound (the message names the bound and the option that sets it). */
+export class LimitExceededError extends DiffusionFeaturesError {
+  /**
+   * @param message what exceeded which bound
+   * @param options standard `ErrorOptions`
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super('E_LIMIT_EXCEEDED', message, options);
+  }
+}
+
+/** Throws an {@link AbortError} (with the signal's reason as `cause`) when `signal` is aborted. */
+export function throwIfAborted(signal: AbortSignal | undefined, what = 'operation'): void {
+  if (signal?.aborted) throw new AbortError(`${what} aborted`, { cause: signal.reason });
+}
+
+/**
+ * Maps a Node.js file-system error to a library error for `file`: ENOENT/ENOTDIR → `E_FILE_NOT_FOUND`;
+ * EACCES/EPERM/EISDIR/ELOOP and others → `E_FILE_ACCESS`. Library errors pass through unchanged.
+ */
+export function fileError(file: string, e: unknown, what = 'file'): DiffusionFeaturesError {
+  if (e instanceof DiffusionFeaturesError) return e;
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  if (code === 'ENOENT' || code === 'ENOTDIR') return new FileNotFoundError(file, `${what} not found`, { cause: e });
+  if (code === 'EACCES' || code === 'EPERM') return new FileAccessError(file, `permission denied reading the ${what} (${code})`, { cause: e });
+  if (code === 'EISDIR') return new FileAccessError(file, `the ${what} is a directory`, { cause: e });
+  return new FileAccessError(file, `cannot read the ${what} (${code ?? (e as Error)?.message ?? String(e)})`, { cause: e });
 }
 
 /** Narrowing helper: is `e` one of this library's errors (optionally with a given code)? */
