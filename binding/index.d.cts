@@ -67,9 +67,37 @@ export class NativeLoadError extends Error {
   readonly reasons: string[];
 }
 
-/** Loads (once per process, after a child-process test load) and returns the raw addon. */
+/** A libtorch found at run time (binding/libtorch.cjs). */
+export interface LibtorchInfo {
+  via: string;
+  libDir: string;
+  /** e.g. '1.13.0a0', '2.11.0+cu130' */
+  version: string;
+  /** major.minor, e.g. '1.13' */
+  short: string;
+  /** 'cpu', 'cu130' (CUDA 13.0), or 'cuda' when the CUDA version is unknown */
+  variant: string;
+  cudaVersion: string | null;
+  libs: Record<string, string>;
+  stamp: [string, number, number];
+}
+
+export type Verdict = { ok: true; info: { torchVersion: string; cuda: boolean; napiVersion: number; parallel: string } | null } | { ok: false; reason: string };
+
+/** Loads (once per process, after a child-process test load whose verdict is cached on disk) and returns the raw addon. */
 export function load(): RawAddon;
 /** Path of the loaded binary, or null before load(). */
 export function binaryPath(): string | null;
+/** What was loaded, or null before load(). ms: time load() took. */
+export function loadedInfo(): { file: string; kind: 'env' | 'prebuild' | 'local'; libtorch: LibtorchInfo; ms: number } | null;
+/** Files the loader would try, in order. */
 export function candidates(): string[];
-export function testLoad(file: string): { ok: true } | { ok: false; reason: string };
+export function prebuilds(): { file: string; torch: string; variant: string; sourceHash: string | null; meta: Record<string, unknown> }[];
+export function testLoad(file: string, lt?: LibtorchInfo | null): Verdict;
+export function sourceHash(dir?: string): string | null;
+export const libtorch: {
+  locate(opts?: { refresh?: boolean }): { found: LibtorchInfo | null; tried: string[]; cached: boolean };
+  describe(libDir: string, via: string, prefix: string | null): LibtorchInfo | null;
+  label(lt: LibtorchInfo): string;
+  cacheDir(): string;
+};

@@ -1,135 +1,94 @@
 #!/usr/bin/env node
 'use strict';
 /**
- * `npm install` hook of diffusion-features.
- *  1. Native addon: a matching prebuild (prebuilds/<platform>-<arch>/) that loads is used as is; otherwise
- *     the addon is built from source with cmake-js, offline (headers from node-api-headers). libtorch is
- *     found from LIBTORCH, Torch_DIR, a Python torch install, or the system (see CMakeLists.txt); when none
- *     exists this prints how to get one and fails.
- *     On Debian/Ubuntu as root, DIFFUSION_FEATURES_INSTALL_LIBTORCH=1 installs libtorch-dev with apt-get first.
- *  2. TypeScript: `tsup` when dist/ is missing (a git checkout; the npm package ships dist/).
- *  3. The bundled tiny model: models/micro/ exported from models/micro-src/ when missing and a Python with
- *     torch exists. Never fails the install: it prints why it was skipped.
- * Environment: DIFFUSION_FEATURES_BUILD_FROM_SOURCE=1 ignores prebuilds; DIFFUSION_FEATURES_JOBS=N sets the
- * build parallelism (default: the number of cores).
+ * `npm install` hook of diffusion-features. It never fails the user's install (exit 0 always): when the
+ * native part cannot be had it says what to do, and loading later fails with E_NATIVE_LOAD and the same
+ * advice (binding/help.cjs). Nothing here is needed when install scripts are blocked (--ignore-scripts,
+ * pnpm, bun): the loader finds libtorch and the matching prebuild at run time by itself.
+ *
+ *  1. libtorch is found (binding/libtorch.cjs: LIBTORCH, Torch_DIR, $PYTHON, python3 on PATH,
+ *     /usr/bin/python3, the system); the answer is cached for the loader.
+ *  2. A prebuild matching it (prebuilds/<platform>-<arch>/, made from this package's sources) that loads
+ *     in a child process: used as is, nothing is compiled (the load verdict is cached for the loader too).
+ *  3. Otherwise, when cmake, a C++ compiler and make are on PATH: build from source with cmake-js into
+ *     build/ (offline), retrying once with libtorch linked directly when find_package(Torch) fails.
+ *     DIFFUSION_FEATURES_TORCH_DIRECT=1 uses direct linking from the start.
+ *  4. Otherwise a prebuild made from other sources, if one loads; else the advice.
+ *  5. TypeScript: `tsup` when dist/ is missing (a git checkout; the npm package ships dist/).
+ * On Debian/Ubuntu as root, DIFFUSION_FEATURES_INSTALL_LIBTORCH=1 installs libtorch-dev with apt-get when
+ * no libtorch is found. DIFFUSION_FEATURES_BUILD_FROM_SOURCE=1 (or npm's --build-from-source) skips the
+ * prebuilds; DIFFUSION_FEATURES_JOBS=N sets the build parallelism. The bundled tiny model ships exported
+ * (models/micro/): no Python is needed.
  */
 const fs = require('node:fs');
-const os = require('node:os');
 const path = require('node:path');
 const { spawnSync } = require('node:child_process');
 
 const root = path.join(__dirname, '..');
 const log = (msg) => console.log(`diffusion-features: ${msg}`);
+const warn = (msg) => console.warn(`diffusion-features: ${msg}`);
 
-function run(cmd, args, opts = {}) {
-  const r = spawnSync(cmd, args, { cwd: root, stdio: 'inherit', env: process.env, ...opts });
-  return r.status === 0;
-}
-
-/** Python interpreters that can import torch (same order as scripts/python.cjs). */
-function findPython() {
-  try {
-    return require('./python.cjs').findPython();
-  } catch {
-    return null;
-  }
-}
-
-/** Where libtorch would come from (the same order as CMakeLists.txt), or null. */
-function findLibtorch() {
-  if (process.env.LIBTORCH && fs.existsSync(path.join(process.env.LIBTORCH, 'share', 'cmake', 'Torch'))) return `LIBTORCH=${process.env.LIBTORCH}`;
-  if (process.env.Torch_DIR && fs.existsSync(process.env.Torch_DIR)) return `Torch_DIR=${process.env.Torch_DIR}`;
-  for (const py of [process.env.PYTHON, '/usr/bin/python3', 'python3'].filter(Boolean)) {
-    const r = spawnSync(py, ['-c', 'import torch; print(torch.utils.cmake_prefix_path)'], { encoding: 'utf8' });
-    const dir = r.status === 0 ? r.stdout.trim() : '';
-    if (dir && fs.existsSync(path.join(dir, 'Torch'))) return `Python torch (${py}: ${dir})`;
-  }
-  for (const base of ['/usr/lib', '/usr/local/lib']) {
-    let entries = [];
-    try {
-      entries = fs.readdirSync(base);
-    } catch {
-      continue;
-    }
-    for (const e of ['', ...entries]) {
-      const dir = path.join(base, e, 'cmake', 'Torch');
-      if (fs.existsSync(path.join(dir, 'TorchConfig.cmake'))) return `system (${dir})`;
-    }
-  }
-  return null;
-}
-
-function isDebianLike() {
-  try {
-    return /^(ID|ID_LIKE)=.*(debian|ubuntu)/m.test(fs.readFileSync('/etc/os-release', 'utf8'));
-  } catch {
-    return false;
-  }
-}
-
-function noLibtorchMessage() {
-  const lines = [
-    'no libtorch found, so the native addon cannot be built. Get one in any of these ways, then run `npm rebuild diffusion-features`:',
-  ];
-  if (isDebianLike()) lines.push('  - Debian/Ubuntu: apt-get install libtorch-dev   (CPU; or set DIFFUSION_FEATURES_INSTALL_LIBTORCH=1 as root)');
-  lines.push(
-    '  - LIBTORCH=/path/to/libtorch   (unpack a libtorch zip from https://pytorch.org, CPU or CUDA)',
-    '  - Torch_DIR=/path/to/share/cmake/Torch',
-    '  - a Python with torch (pip install torch), found through $PYTHON, /usr/bin/python3 or python3',
-  );
-  return lines.join('\n');
-}
-
-function prebuildLoads() {
-  if (process.env.DIFFUSION_FEATURES_BUILD_FROM_SOURCE === '1') return null;
+function native() {
   const binding = require('../binding/index.cjs');
-  const pre = binding.candidates().filter((f) => f.includes(`${path.sep}prebuilds${path.sep}`));
-  for (const file of pre) {
-    const v = binding.testLoad(file);
-    if (v.ok) return file;
-    log(`prebuild ${path.relative(root, file)} does not load here: ${v.reason}`);
-  }
-  return null;
-}
-
-function buildNative() {
-  const pre = prebuildLoads();
-  if (pre) {
-    log(`using prebuilt addon ${path.relative(root, pre)}`);
-    return true;
-  }
-  let via = findLibtorch();
-  if (!via && process.env.DIFFUSION_FEATURES_INSTALL_LIBTORCH === '1' && isDebianLike() && process.getuid && process.getuid() === 0) {
+  const { buildAddon, missingTools } = require('./build.cjs');
+  const help = require('../binding/help.cjs');
+  const lt = binding.libtorch;
+  let { found, tried } = lt.locate({ refresh: true });
+  if (!found && process.env.DIFFUSION_FEATURES_INSTALL_LIBTORCH === '1' && help.isDebianLike() && process.getuid && process.getuid() === 0) {
     log('installing libtorch-dev with apt-get (DIFFUSION_FEATURES_INSTALL_LIBTORCH=1)');
-    run('apt-get', ['install', '-y', '--no-install-recommends', 'libtorch-dev']);
-    via = findLibtorch();
+    spawnSync('apt-get', ['install', '-y', '--no-install-recommends', 'libtorch-dev'], { stdio: 'inherit' });
+    ({ found, tried } = lt.locate({ refresh: true }));
   }
-  if (!via) {
-    console.error(`diffusion-features: ${noLibtorchMessage()}`);
+  log(found ? lt.label(found) : 'no libtorch found');
+
+  const fromSource = process.env.DIFFUSION_FEATURES_BUILD_FROM_SOURCE === '1' || process.env.npm_config_build_from_source === 'true';
+  const current = binding.sourceHash();
+  const matching = found
+    ? binding.plan(found).list.filter((c) => c.kind === 'prebuild')
+    : [];
+  const meta = new Map(binding.prebuilds().map((p) => [p.file, p]));
+  const isFresh = (c) => !current || !meta.get(c.file).sourceHash || meta.get(c.file).sourceHash === current;
+  const reasons = [];
+  const tryPrebuilds = (list, note) => {
+    for (const c of list) {
+      const v = binding.testLoad(c.file, found);
+      if (v.ok) {
+        log(`using the prebuilt binary ${path.relative(root, c.file)}${note}; nothing to compile`);
+        return true;
+      }
+      reasons.push(`${c.why}: ${v.reason}`);
+      warn(`prebuilt ${path.relative(root, c.file)} does not load here: ${v.reason}`);
+    }
     return false;
+  };
+  // exact variant first; for a CUDA libtorch the CPU prebuild of the same version is a last resort (no CUDA)
+  const exact = (c) => meta.get(c.file).variant === found.variant;
+  if (!fromSource && tryPrebuilds(matching.filter((c) => isFresh(c) && exact(c)), '')) return true;
+
+  if (found) {
+    const missing = missingTools();
+    if (missing.length === 0) {
+      log(`building the native addon from source (${fromSource ? 'asked for' : 'no prebuilt binary matches'})`);
+      const r = buildAddon({ outDir: 'build', lt: found });
+      if (r.ok) {
+        const v = binding.testLoad(r.file, found);
+        if (v.ok) {
+          log(`native addon built${r.direct ? ' (libtorch linked directly)' : ''}: ${path.relative(root, r.file)}`);
+          return true;
+        }
+        reasons.push(`local build: ${v.reason}`);
+      } else {
+        reasons.push(`building from source failed (see the output above)${r.log ? `:\n${r.log}` : ''}`);
+      }
+    } else {
+      reasons.push(`cannot build from source: ${missing.join(', ')} not found on PATH`);
+    }
+    if (!fromSource && tryPrebuilds(matching.filter((c) => !isFresh(c) || !exact(c)), ' (a fallback: made from other sources than src/, or for the CPU only)')) return true;
   }
-  log(`building the native addon from source against libtorch from ${via}`);
-  let cmakeJs;
-  try {
-    cmakeJs = require.resolve('cmake-js/bin/cmake-js');
-  } catch {
-    console.error('diffusion-features: cmake-js is not installed (it is a dependency; reinstall the package)');
-    return false;
-  }
-  const jobs = String(process.env.DIFFUSION_FEATURES_JOBS || (os.availableParallelism ? os.availableParallelism() : os.cpus().length));
-  if (!run(process.execPath, [cmakeJs, 'compile', '-j', jobs, '--CDCMAKE_BUILD_TYPE=Release'])) {
-    console.error('diffusion-features: building the native addon failed (see the output above). It needs cmake >= 3.18 and a C++17 compiler ' +
-      '(Debian/Ubuntu: apt-get install cmake g++ make).');
-    return false;
-  }
-  const built = path.join(root, 'build', 'Release', 'diffusion_features.node');
-  const v = require('../binding/index.cjs').testLoad(built);
-  if (!v.ok) {
-    console.error(`diffusion-features: the addon was built but does not load: ${v.reason}`);
-    return false;
-  }
-  log(`native addon built: ${path.relative(root, built)}`);
-  return true;
+  const skipped = binding.plan(found).skipped;
+  warn(binding.failureMessage(found, tried, reasons, skipped));
+  warn('The install itself succeeded; the native layer will raise E_NATIVE_LOAD with this advice until it is fixed.');
+  return false;
 }
 
 function buildTs() {
@@ -142,31 +101,22 @@ function buildTs() {
     return;
   }
   log('building the TypeScript (tsup)');
-  if (!run(process.execPath, [tsup])) console.error('diffusion-features: the TypeScript build failed (see above)');
-}
-
-function buildMicroModel() {
-  const out = path.join(root, 'models', 'micro');
-  if (fs.existsSync(path.join(out, 'model.json'))) return;
-  const why = (msg) => log(`bundled tiny model not built: ${msg}`);
-  if (!fs.existsSync(path.join(root, 'weights', 'export.py'))) return why('weights/export.py is missing');
-  if (!fs.existsSync(path.join(root, 'models', 'micro-src'))) return why('models/micro-src/ is missing');
-  if (!findPython()) return why('no Python with torch found (Debian/Ubuntu: apt-get install python3-torch, or set PYTHON)');
-  log('exporting the bundled tiny model to models/micro/');
-  const ok = run(process.execPath, [path.join(root, 'scripts', 'python.cjs'), 'weights/export.py', '--from', 'models/micro-src',
-    '--out', 'models/micro', '--dtype', 'float16']);
-  if (!ok) why('weights/export.py failed (see above); run it again with `node scripts/python.cjs weights/export.py --from models/micro-src --out models/micro --dtype float16`');
+  const r = spawnSync(process.execPath, [tsup], { cwd: root, stdio: 'inherit' });
+  if (r.status !== 0) warn('the TypeScript build failed (see above)');
 }
 
 function main() {
-  const nativeOk = buildNative();
-  buildTs();
   try {
-    buildMicroModel();
+    native();
   } catch (err) {
-    log(`bundled tiny model not built: ${err && err.message}`);
+    warn(`native setup skipped: ${err && err.stack ? err.stack : err}`);
   }
-  if (!nativeOk) process.exit(1);
+  try {
+    buildTs();
+  } catch (err) {
+    warn(`TypeScript build skipped: ${err && err.message}`);
+  }
+  process.exitCode = 0;
 }
 
 main();

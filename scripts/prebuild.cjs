@@ -1,60 +1,119 @@
 #!/usr/bin/env node
 'use strict';
 /**
- * `npm run prebuild [-- --cuda|--cpu]`: builds the addon with cmake-js and places it where node-gyp-build
- * (and binding/index.cjs) look for prebuilt binaries, with prebuildify's naming for a napi build
- * (prebuildify itself has no cmake-js backend):
+ * `npm run prebuilds [-- --cpu|--cuda] [-- --from FILE]`: makes the prebuilt binary for the libtorch found
+ * here (binding/libtorch.cjs order) and puts it in prebuildify's layout, named so the loader can pick it:
  *
- *   prebuilds/linux-x64/diffusion-features.napi.node       CPU build. Needs, at run time, the libtorch it was
- *       built against: Debian/Ubuntu `apt-get install libtorch-dev` (1.13, /usr/lib/x86_64-linux-gnu, found
- *       through the RPATH) when built on Debian's libtorch; otherwise that libtorch's lib/ dir on the RPATH or
- *       LD_LIBRARY_PATH.
- *   prebuilds/linux-x64/diffusion-features.napi.cuda.node  CUDA build (built against a CUDA libtorch, e.g.
- *       LIBTORCH=/opt/libtorch from pytorch.org's libtorch 2.x cu12x zip). Needs that libtorch (its lib/ at the
- *       same path, or on LD_LIBRARY_PATH) and an NVIDIA driver. binding/index.cjs prefers it when an NVIDIA GPU
- *       is present and falls back to the CPU build when it does not load.
+ *   prebuilds/linux-x64/diffusion-features.torch-<major.minor>.<variant>.napi.node
+ *     variant: cpu | cu<cuda major><cuda minor> (cu130 = CUDA 13.0)
+ *   prebuilds/linux-x64/<that name>.json   { torch, variant, cudaVersion, napi, sourceHash, sha256, size }
  *
- * The flavor is detected from the libtorch found (torch_cuda present → CUDA); --cuda / --cpu assert it.
- * Each binary is test-loaded in a child process after the build. No libtorch libraries are copied into
- * prebuilds/ (they are ~1-3 GB); the prebuild is only the addon itself (~0.4 MB, stripped).
+ * Steps: build with cmake-js into build-prebuild/ (not build/), or take --from FILE (an existing build, e.g.
+ * CI's build/Release/diffusion_features.node; it must be newer than every source file); strip it; refuse
+ * it when it carries an RPATH/RUNPATH other than $ORIGIN-relative ones (the loader finds libtorch at run time);
+ * test-load it in a child process with the libtorch found; write it atomically (temp file + rename).
+ * sourceHash (sha256 of src/** and CMakeLists.txt) tells the loader and the install script whether a
+ * prebuild was made from the sources beside it. The CUDA prebuild is made on a machine with a CUDA
+ * libtorch (bench/gpu/run.sh does it on the GPU machine). `--check` only reports whether each prebuild
+ * is current (exit 1 if one is stale).
  */
 const fs = require('node:fs');
-const os = require('node:os');
 const path = require('node:path');
+const crypto = require('node:crypto');
 const { spawnSync } = require('node:child_process');
+const { buildAddon, rpaths, root } = require('./build.cjs');
+const binding = require('../binding/index.cjs');
 
-const root = path.join(__dirname, '..');
 const args = process.argv.slice(2);
 const want = args.includes('--cuda') ? 'cuda' : args.includes('--cpu') ? 'cpu' : null;
-const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'));
+const fromIdx = args.indexOf('--from');
+const from = fromIdx >= 0 ? path.resolve(args[fromIdx + 1] || '') : null;
 
 function fail(msg) {
   console.error(`prebuild: ${msg}`);
   process.exit(1);
 }
 
-const buildDir = path.join(root, 'build');
-const jobs = String(process.env.DIFFUSION_FEATURES_JOBS || (os.availableParallelism ? os.availableParallelism() : os.cpus().length));
-const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
-const r = spawnSync(process.execPath, [cmakeJs, 'compile', '-j', jobs, '--CDCMAKE_BUILD_TYPE=Release'], { cwd: root, stdio: 'inherit' });
-if (r.status !== 0) fail('cmake-js build failed');
-const built = path.join(buildDir, 'Release', 'diffusion_features.node');
-if (!fs.existsSync(built)) fail(`${built} was not produced`);
+function newestSource() {
+  let newest = 0;
+  const walk = (d) => {
+    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else newest = Math.max(newest, fs.statSync(p).mtimeMs);
+    }
+  };
+  walk(path.join(root, 'src'));
+  return Math.max(newest, fs.statSync(path.join(root, 'CMakeLists.txt')).mtimeMs);
+}
 
-// Which flavor did we build? Ask the binary itself (in a child process: it may not load).
-const probe = spawnSync(process.execPath, ['-e', `const m = require(${JSON.stringify(built)}); console.log(JSON.stringify(m.buildInfo()))`],
-  { encoding: 'utf8' });
-if (probe.status !== 0) fail(`the built addon does not load:\n${probe.stderr}`);
-const info = JSON.parse(probe.stdout.trim().split('\n').pop());
-const flavor = info.cuda ? 'cuda' : 'cpu';
-if (want && want !== flavor) fail(`asked for a ${want} build but the libtorch found is ${flavor} (libtorch ${info.torchVersion})`);
+if (args.includes('--check')) {
+  const current = binding.sourceHash();
+  let stale = 0;
+  for (const p of binding.prebuilds()) {
+    const ok = p.sourceHash === current;
+    if (!ok) stale++;
+    console.log(`${path.relative(root, p.file)}: ${ok ? 'current' : 'STALE (made from other sources; run `npm run prebuilds`)'}`);
+  }
+  process.exit(stale ? 1 : 0);
+}
 
-// prebuildify naming: <name>.napi.node (+ our 'cuda' tag, which node-gyp-build ignores when matching).
-const name = `${pkg.name.replace(/\//g, '+')}.napi${flavor === 'cuda' ? '.cuda' : ''}.node`;
+const { found, tried } = binding.libtorch.locate({ refresh: true });
+if (!found) fail(`no libtorch found:\n  - ${tried.join('\n  - ')}`);
+console.log(`prebuild: ${binding.libtorch.label(found)}`);
+
+let built = from;
+if (from) {
+  if (!fs.existsSync(from)) fail(`${from} does not exist`);
+  if (fs.statSync(from).mtimeMs < newestSource()) fail(`${from} is older than the sources in src/ or CMakeLists.txt; build it again first`);
+} else {
+  const r = buildAddon({ outDir: 'build-prebuild', lt: found });
+  if (!r.ok) fail(`the build failed\n${r.log}`);
+  built = r.file;
+}
+
+const variant = found.variant;
+if (want && (want === 'cuda') !== (variant !== 'cpu')) fail(`asked for a ${want} build but the libtorch found is ${binding.libtorch.label(found)}`);
+const name = `diffusion-features.torch-${found.short}.${variant}.napi.node`;
 const destDir = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
 fs.mkdirSync(destDir, { recursive: true });
-const tmp = path.join(destDir, `${name}.tmp`);
+const dest = path.join(destDir, name);
+const tmp = `${dest}.${process.pid}.tmp`;
 fs.copyFileSync(built, tmp);
-spawnSync('strip', ['--strip-unneeded', tmp], { stdio: 'ignore' }); // best effort, like prebuildify --strip
-fs.renameSync(tmp, path.join(destDir, name));
-console.log(`prebuild: wrote ${path.relative(root, path.join(destDir, name))} (${flavor}, libtorch ${info.torchVersion}, napi ${info.napiVersion})`);
+const strip = spawnSync('strip', ['--strip-unneeded', tmp], { stdio: 'inherit' });
+if (strip.status !== 0) console.warn('prebuild: strip failed or is missing; the binary is not stripped');
+const rp = rpaths(tmp);
+if (rp === null) console.warn('prebuild: readelf is missing; RPATH not checked');
+else if (rp.some((p) => p && !p.startsWith('$ORIGIN'))) {
+  fs.rmSync(tmp);
+  fail(`${built} carries an absolute RPATH/RUNPATH (${rp.join(':')}); CMakeLists.txt must not set one`);
+}
+const v = binding.testLoad(tmp, found);
+if (!v.ok) {
+  fs.rmSync(tmp);
+  fail(`the binary does not load: ${v.reason}`);
+}
+if (v.info && !String(v.info.torchVersion).startsWith(found.short)) {
+  fs.rmSync(tmp);
+  fail(`the binary reports libtorch ${v.info.torchVersion}, but ${found.version} was found`);
+}
+if (v.info && v.info.cuda !== (variant !== 'cpu')) {
+  fs.rmSync(tmp);
+  fail(`the binary ${v.info.cuda ? 'has' : 'lacks'} CUDA but the libtorch found is ${variant}`);
+}
+const bytes = fs.readFileSync(tmp);
+const meta = {
+  torch: found.version,
+  short: found.short,
+  variant,
+  cudaVersion: found.cudaVersion,
+  napi: (v.info && v.info.napiVersion) || 8,
+  sourceHash: binding.sourceHash(),
+  sha256: crypto.createHash('sha256').update(bytes).digest('hex'),
+  size: bytes.length,
+};
+fs.renameSync(tmp, dest);
+fs.writeFileSync(`${dest}.json.tmp`, `${JSON.stringify(meta, null, 2)}\n`);
+fs.renameSync(`${dest}.json.tmp`, `${dest}.json`);
+console.log(`prebuild: wrote ${path.relative(root, dest)} (${(bytes.length / 1e6).toFixed(2)} MB, ${variant}, libtorch ${found.version}, ` +
+  `RPATH ${rp && rp.length ? rp.join(':') : 'none'})`);
