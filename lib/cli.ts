@@ -491,6 +491,7 @@ program
     console.log(JSON.stringify(r, null, 1));
   });
 
+(await import('./cli/queue.js')).registerQueueCommands(program); // worker, enqueue, queue-status (issue 13)
 program.parseAsync(process.argv).catch((err: unknown) => {
   console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
   process.exitCode = process.exitCode && process.exitCode !== 0 ? process.exitCode : 1;
