@@ -22,7 +22,7 @@ export async function run(): Promise<string> {
     imgs.push(await Tensor.fromUint8Array(img.data, [1, 512, 512, 3]).to(device));
   }
   const once = async () => {
-    for (const t of imgs) ((await ops.call('canny', t, 100, 200)) as Tensor).dispose();
+    for (const t of imgs) (await ops.canny(t, 100, 200)).dispose();
   };
   await once();
   const t0 = performance.now();

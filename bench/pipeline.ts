@@ -23,7 +23,7 @@ import { readdirSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import os from 'node:os';
 import { setNumThreads } from '../lib/native.js';
-import { loadPipeline, type Progress } from '../lib/pipeline.js';
+import { loadPipeline, type Progress } from '../lib/pipeline/index.js';
 import { ROOT, OUT, fullSizeDir, py, table, fmt, list, threads, since } from './common.js';
 
 const STAGES = ['decode', 'vae', 'text', 'unet', 'handoff'] as const;

@@ -35,10 +35,11 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import os from 'node:os';
 import { setNumThreads } from '../lib/native.js';
-import { loadPipeline, type ExtractOptions, type LoadOptions, type Pipeline } from '../lib/pipeline.js';
+import { loadPipeline, type LoadOptions } from '../lib/pipeline/index.js';
+import { engineOf } from '../lib/pipeline/facade.js';
 import type { Device } from '../lib/native.js';
-import { RECIPES, extractRecipe, type Recipe, type RecipeVariant } from '../lib/recipes.js';
-import type { LoraSpec } from '../lib/lora.js';
+import { RECIPES, extractRecipe, variantOptions, type Recipe } from '../lib/recipes.js';
+import type { LoraSpec } from '../lib/lora/index.js';
 import { OUT, ROOT, fullSizeDir, py, table, fmt, threads, since } from './common.js';
 import { benchImages } from './pipeline.js';
 
@@ -50,21 +51,6 @@ async function loraFiles(): Promise<Record<string, string>> {
     out[slot] = f;
   }
   return out;
-}
-
-/** The options extractRecipe uses for a variant (lib/recipes.ts optionsOf), for the separate runs. */
-function variantOptions(v: RecipeVariant, size: number): ExtractOptions {
-  return {
-    layers: typeof v.layers === 'string' ? v.layers : [...v.layers],
-    prompt: v.prompt,
-    attention: v.attention ?? false,
-    control: v.control ?? null,
-    denoiseFrom: v.denoiseFrom,
-    t: v.t ?? 50,
-    seed: v.seed ?? 0,
-    size,
-    batchSize: 1,
-  };
 }
 
 /** Wraps an async method of `obj` to add its wall time to `acc[key(args)]`. */
@@ -217,8 +203,8 @@ async function horse21(
   let variantsOut = 0;
   try {
     timeMethod(p.lora, 'swap', ours, (a) => ((a[0] as LoraSpec[]).length ? 'lora merge' : 'lora restore'));
-    timeMethod(p as Pipeline, 'prepareBatch', ours, () => 'decode + VAE (shared)');
-    timeMethod(p as Pipeline, 'runVariants', ours, (a) => (a[1] as { plan: { settings: Record<string, string> } }[]).map((it) => it.plan.settings.variant ?? '?').join('+'));
+    timeMethod(engineOf(p), 'prepareBatch', ours, () => 'decode + VAE (shared)');
+    timeMethod(engineOf(p), 'runVariants', ours, (a) => (a[1] as { plan: { settings: Record<string, string> } }[]).map((it) => it.plan.settings.variant ?? '?').join('+'));
     t0 = performance.now();
     const res = await extractRecipe(p, recipe, images, { loras, size });
     ours.recipe = since(t0);
@@ -247,7 +233,7 @@ async function horse21(
         base[`${v.name} lora merge`] = since(t0);
       }
       t0 = performance.now();
-      const res = await q.extract(images, variantOptions(v, size));
+      const res = await q.extract(images, variantOptions(v, { size }));
       base[`${v.name} extract`] = since(t0);
       res.forEach((f) => f.dispose());
     } finally {
@@ -280,7 +266,7 @@ async function horse21(
   const multi = recipe.variants.filter((v) => v.denoiseFrom !== undefined);
   const single = recipe.variants.filter((v) => v.denoiseFrom === undefined);
   const timed = single.map((v) => ours[v.name]).filter((x): x is number => x !== undefined);
-  if (timed.length !== single.length || multi.some((v) => ours[v.name] === undefined)) throw new Error('recipe bench: a variant was not timed (did Pipeline.runVariants change?)');
+  if (timed.length !== single.length || multi.some((v) => ours[v.name] === undefined)) throw new Error('recipe bench: a variant was not timed (did Engine.runVariants change?)');
   const fastestSingle = Math.min(...timed);
   const floor = multi.reduce((a, v) => a + ours[v.name]!, 0) + single.length * fastestSingle;
   return [

@@ -8,22 +8,19 @@ import cliProgress from 'cli-progress';
 import { existsSync, mkdirSync } from 'node:fs';
 import { rename, rm, mkdtemp } from 'node:fs/promises';
 import { join, basename, extname, resolve, dirname } from 'node:path';
-import sharp from 'sharp';
-import {
-  loadPipeline,
-  bundledModelDir,
-  readModelJson,
-  readNoiseFile,
-  writeFeatures,
-  type ExtractOptions,
-  type ImageFeatures,
-  type Pipeline,
-} from './pipeline.js';
-import { writeNpy } from './npy.js';
-import { RECIPES } from './recipes.js';
+import { loadPipeline, bundledModelDir, readModelJson, defaultSize, type ExtractOptions, type ImageFeatures, type Pipeline } from './pipeline/index.js';
+import { readNoiseFile, writeFeatures, writeRecipeResult } from './io/features.js';
+import { writeNpy } from './io/npy.js';
+import { writePng } from './io/png.js';
+import { SafetensorsFile } from './io/safetensors.js';
+import { RECIPES, extractRecipe } from './recipes.js';
+import { cannyImage } from './control.js';
+import { visualizeFile } from './tools/visualize.js';
+import { gateScoreFiles } from './tools/gate-score.js';
+import { correspondenceFiles } from './tools/correspondence.js';
 import { ClipTokenizer } from './tokenizer.js';
-import { DiffusionFeaturesError } from './errors.js';
-import type { Device } from './native.js';
+import { DiffusionFeaturesError, InvalidArgumentError } from './errors.js';
+import { Tensor, type Device } from './native.js';
 
 const program = new Command();
 program
@@ -152,7 +149,7 @@ export async function runExtract(images: string[], o: ExtractCli, pipelineIn?: P
       packaged: o.aggregate,
     };
     if (noise && noise.noise.shape[0]! < images.length) {
-      throw new DiffusionFeaturesError('E_INVALID_ARGUMENT', `${o.noise}: noise has ${noise.noise.shape[0]} rows for ${images.length} images`);
+      throw new InvalidArgumentError(`${o.noise}: noise has ${noise.noise.shape[0]} rows for ${images.length} images`);
     }
     bar?.start(todo.length, 0, { stage: 'load' });
     const save = async (f: ImageFeatures): Promise<void> => {
@@ -221,12 +218,11 @@ function isImageError(err: unknown): boolean {
   return err instanceof DiffusionFeaturesError && (err.code === 'E_IMAGE_DECODE' || err.code === 'E_FILE_NOT_FOUND');
 }
 
-async function sliceNoise(n: { noise: import('./native.js').Tensor; vaeNoise?: import('./native.js').Tensor }, row: number) {
-  const { Tensor } = await import('./native.js');
-  const take = (t: import('./native.js').Tensor) => {
+async function sliceNoise(n: { noise: Tensor; vaeNoise?: Tensor }, row: number) {
+  const take = (t: Tensor) => {
     const [N, ...rest] = t.shape;
     const per = rest.reduce((a, b) => a * b, 1);
-    if (row >= N!) throw new DiffusionFeaturesError('E_INVALID_ARGUMENT', `noise file has ${N} rows, image ${row} needs one`);
+    if (row >= N!) throw new InvalidArgumentError(`noise file has ${N} rows, image ${row} needs one`);
     return Tensor.fromFloat32Array(t.toFloat32Array().subarray(row * per, (row + 1) * per), [1, ...rest]);
   };
   return { noise: take(n.noise), vaeNoise: n.vaeNoise ? take(n.vaeNoise) : undefined };
@@ -256,8 +252,6 @@ function loraSlotArg(v: string, prev: Record<string, { file: string; scale: numb
 
 /** Runs a GATE recipe over images (`extract --recipe` / `recipe`); returns the exit code. */
 export async function runRecipe(images: string[], o: RecipeCli): Promise<number> {
-    const { extractRecipe } = await import('./recipes.js');
-    const { writeSafetensors } = await import('./safetensors.js');
     mkdirSync(o.out, { recursive: true });
     const todo = images.filter((img) => o.overwrite || !existsSync(join(o.out, `${basename(img, extname(img))}.safetensors`)));
     if (todo.length < images.length) console.error(`${images.length - todo.length} image(s) already have output (use --overwrite)`);
@@ -280,14 +274,7 @@ export async function runRecipe(images: string[], o: RecipeCli): Promise<number>
       });
       for (const r of results) {
         try {
-          const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
-          for (const [v, f] of Object.entries(r.variants)) {
-            for (const [id, t] of Object.entries(f.features)) tensors[`${v}/${id}`] = { dtype: 'F32', shape: t.shape, data: t.toFloat32Array() };
-          }
-          if (r.amalgamated) tensors.amalgamated = { dtype: 'F32', shape: r.amalgamated.shape, data: r.amalgamated.toFloat32Array() };
-          const meta: Record<string, string> = { format: 'diffusion-features', recipe: o.recipe, variants: Object.keys(r.variants).join(',') };
-          for (const [v, f] of Object.entries(r.variants)) meta[`${v}.settings`] = JSON.stringify(f.settings);
-          await writeSafetensors(join(o.out, `${r.name}.safetensors`), tensors, meta);
+          await writeRecipeResult(join(o.out, `${r.name}.safetensors`), r, o.recipe);
         } finally {
           r.dispose();
         }
@@ -393,23 +380,10 @@ program
   .requiredOption('--out <png>', 'output PNG')
   .argument('<image>', 'input image')
   .action(async (image: string, o: { size: number; out: string; weights?: string; device: Device }) => {
-    const { cannyImage } = await import('./control.js');
     const { mask, width, height } = await cannyImage(image, o.size, o.device);
-    await writePngAtomic(o.out, Buffer.from(mask), width, height, 1);
+    await writePng(o.out, mask, width, height, 1);
     console.error(`wrote ${o.out} (${width}×${height}, canny 100/200)`);
   });
-
-/** Writes a PNG atomically. */
-export async function writePngAtomic(path: string, data: Buffer, width: number, height: number, channels: 1 | 3): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}.png`;
-  try {
-    await sharp(data, { raw: { width, height, channels } }).png().toFile(tmp);
-    await rename(tmp, path);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
-  }
-}
 
 program
   .command('demo')
@@ -434,7 +408,7 @@ program
       lora: [],
       device: o.device,
       dtype: 'auto',
-      size: (model.default_size as number | undefined) ?? 128,
+      size: defaultSize(model),
       batchSize: 1,
       featureResize: 1,
       aggregate: true,
@@ -445,7 +419,6 @@ program
     });
     const out = resolve(o.out, 'astronaut.safetensors');
     if (code === 0) {
-      const { SafetensorsFile } = await import('./safetensors.js');
       const f = await SafetensorsFile.open(out);
       console.log(`features of ${image}\n  written to ${out}`);
       for (const name of f.names()) console.log(`  ${name}: float32 ${f.info(name).shape.join('×')}`);
@@ -460,7 +433,6 @@ program
   .requiredOption('--out <png>', 'output PNG')
   .argument('<file>', 'a features .safetensors written by extract')
   .action(async (file: string, o: { out: string }) => {
-    const { visualizeFile } = await import('./tools.js');
     const r = await visualizeFile(file, o.out);
     console.error(`wrote ${o.out} (${r.panels.join(', ')})`);
   });
@@ -473,7 +445,6 @@ program
   .option('--layer <id>', 'layer id to score (default: every common id)')
   .argument('<files...>', 'features of the technique(s) to score')
   .action(async (files: string[], o: { reference: string; anchor: string; layer?: string }) => {
-    const { gateScoreFiles } = await import('./tools.js');
     const rows = await gateScoreFiles(o.reference, o.anchor, files, o.layer);
     console.log(JSON.stringify(rows, null, 1));
   });
@@ -486,7 +457,6 @@ program
   .option('--alpha <a>', 'PCK threshold', floatArg('--alpha'), 0.1)
   .argument('<pairs...>', 'pair JSON files')
   .action(async (pairs: string[], o: { features: string; layer?: string; alpha: number }) => {
-    const { correspondenceFiles } = await import('./tools.js');
     const r = await correspondenceFiles(o.features, pairs, { layer: o.layer, alpha: o.alpha });
     console.log(JSON.stringify(r, null, 1));
   });

@@ -5,9 +5,10 @@
  *
  * @module
  */
-import type { Device } from './native.js';
+import { Tensor, type Device } from './native.js';
 import { loadImage } from './image.js';
 import { InvalidArgumentError } from './errors.js';
+import { loadOps } from './ops.js';
 
 /** A single-channel edge map, row-major, 0 or 255. */
 export interface CannyImage {
@@ -42,15 +43,13 @@ export async function cannyImage(
     throw new InvalidArgumentError(`canny thresholds must be non-negative numbers, got ${low}/${high}`);
   }
   const img = await loadImage(image, size);
-  const { Tensor } = await import('./native.js');
-  const { loadOps, opTensor } = await import('./ops.js');
   const ops = await loadOps(device);
   const cpu = Tensor.fromUint8Array(img.data, [1, size, size, 3]);
   const owned = [cpu];
   try {
     const input = ops.device === 'cpu' ? cpu : await cpu.to(ops.device as Device);
     if (input !== cpu) owned.push(input);
-    const edges = await opTensor(ops, 'canny', input, low, high);
+    const edges = await ops.canny(input, low, high);
     owned.push(edges);
     const f = await edges.to('cpu', 'float32');
     owned.push(f);

@@ -10,72 +10,128 @@
  * cat.dispose(); pipe.dispose();
  * ```
  *
+ * This is the public API; everything else under `lib/` is internal (see docs/architecture.md).
+ *
  * @module
  */
-export * from './native.js';
-export * from './errors.js';
-export * from './safetensors.js';
-export * from './npy.js';
-export * from './tokenizer.js';
-export * from './image.js';
-export * from './layers.js';
-export * from './lora.js';
-export * from './control.js';
-export {
-  visualize,
-  visualizeFile,
-  attentionTokenMaps,
-  gateScore,
-  gateScoreFiles,
-  gateScoreFromDiffs,
-  laplacianMap,
-  contentDiff,
-  correspondence,
-  correspondenceFiles,
-  parsePairAnnotation,
-  pck,
-  readFeatureFile,
-  selectFeature,
-  resizeBilinear,
-  resizeNearest,
-  roundHalfEven,
-  type FeatureArray,
-  type FeatureInput,
-  type Point,
-  type RawImage,
-  type VisualizeOptions,
-  type VisualizeFileOptions,
-  type VisualizeFileResult,
-  type GateScore,
-  type GateScoreRow,
-  type CorrespondenceOptions,
-  type CorrespondenceFilesOptions,
-  type CorrespondenceResult,
-  type PairAnnotation,
-  type PairResult,
-} from './tools.js';
-export {
-  RECIPES,
-  getRecipe,
-  extractRecipe,
-  type Recipe,
-  type RecipeVariant,
-  type RecipeOptions,
-  type RecipeResult,
-} from './recipes.js';
+
+// ---- extraction: load a weights folder once, extract features of many images
 export {
   loadPipeline,
+  Pipeline,
   bundledModelDir,
   readModelJson,
-  readNoiseFile,
-  encodeFeatures,
-  writeFeatures,
-  featureTensors,
-  Pipeline,
+  defaultSize,
   type LoadOptions,
   type ExtractOptions,
   type ImageFeatures,
   type ImageInput,
   type Progress,
   type ModelJson,
-} from './pipeline.js';
+} from './pipeline/index.js';
+
+// ---- GATE recipes: every feature variant of a task, shared work done once
+export {
+  RECIPES,
+  getRecipe,
+  extractRecipe,
+  variantOptions,
+  type Recipe,
+  type RecipeVariant,
+  type RecipeOptions,
+  type RecipeResult,
+} from './recipes.js';
+
+// ---- features <-> files
+export { encodeFeatures, writeFeatures, featureTensors, recipeTensors, writeRecipeResult, readNoiseFile } from './io/features.js';
+export {
+  SafetensorsFile,
+  encodeSafetensors,
+  writeSafetensors,
+  type StDType,
+  type StTensorInfo,
+  type StTensorInput,
+} from './io/safetensors.js';
+export { encodeNpy, decodeNpy, writeNpy, readNpy, type NpyArray, type NpyDType } from './io/npy.js';
+
+// ---- analysis tools: visualisation, GATE score, correspondence
+export * from './tools/index.js';
+
+// ---- layers, prompts, images, control images
+export {
+  LAYER_IDS,
+  PRESETS,
+  ATTENTION_CATEGORIES,
+  isLayerId,
+  isMapId,
+  resolveLayerSpec,
+  parseLayerConfig,
+  sortForwardOrder,
+  suggestLayerId,
+  type AttentionCategory,
+  type LayerSpec,
+  type PresetName,
+} from './layers.js';
+export { ClipTokenizer, type EncodeOptions } from './tokenizer.js';
+export { loadImage, MAX_IMAGE_SIZE, type LoadImageOptions, type LoadedImage, type ResampleMode } from './image.js';
+export { cannyImage, type CannyImage, type CannyOptions } from './control.js';
+
+// ---- LoRA
+export {
+  LoraManager,
+  readLoraFile,
+  parseLora,
+  planLoraMerge,
+  type LoraSpec,
+  type LoraFile,
+  type LoraFormat,
+  type LoraTarget,
+  type LoraModule,
+  type LoraFactor,
+  type LoraPlan,
+  type LoraTerm,
+  type ParamInfo,
+} from './lora/index.js';
+
+// ---- the native layer: tensors, TorchScript modules, devices, threads, the CPU allocator cache
+export {
+  Tensor,
+  ScriptModule,
+  NativeError,
+  cudaAvailable,
+  deviceCount,
+  resolveDevice,
+  setNumThreads,
+  getNumThreads,
+  setJitOptimize,
+  getJitOptimize,
+  libtorchVersion,
+  nativeBinaryPath,
+  nativeBuildInfo,
+  cpuCache,
+  emptyCpuCache,
+  setCpuCacheLimit,
+  type Device,
+  type DType,
+  type IValue,
+  type CpuCacheInfo,
+  type ParameterInfo,
+} from './native.js';
+
+// ---- errors: every deliberate error is a DiffusionFeaturesError with a stable code
+export {
+  DiffusionFeaturesError,
+  InvalidFileError,
+  FileNotFoundError,
+  FileAccessError,
+  ImageDecodeError,
+  UnknownLayerError,
+  InvalidArgumentError,
+  NotFoundError,
+  WriteError,
+  IncompatibleModelError,
+  AbortError,
+  LimitExceededError,
+  isDiffusionFeaturesError,
+  type ErrorCode,
+} from './errors.js';

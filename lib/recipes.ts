@@ -10,11 +10,15 @@
  *
  * @module
  */
-import { Tensor } from './native.js';
+import type { Tensor } from './native.js';
 import { InvalidArgumentError } from './errors.js';
-import type { ExtractOptions, ImageFeatures, ImageInput, Pipeline, Progress } from './pipeline.js';
-import type { LoraSpec } from './lora.js';
-import { loadOps, opTensor } from './ops.js';
+import type { ExtractOptions, ImageFeatures, ImageInput, Progress } from './pipeline/types.js';
+import { engineOf, type Pipeline } from './pipeline/facade.js';
+import { defaultSize } from './pipeline/model-json.js';
+import type { Plan } from './pipeline/plan.js';
+import type { BatchContext } from './pipeline/engine.js';
+import type { LoraSpec } from './lora/parse.js';
+import { loadOps } from './ops.js';
 
 /** One feature variant of a recipe: its prompt, techniques, timestep and layers. */
 export interface RecipeVariant {
@@ -166,6 +170,27 @@ export function getRecipe(name: string): Recipe {
   return r;
 }
 
+/**
+ * The {@link ExtractOptions} one variant of a recipe runs with under `opts` (what {@link extractRecipe}
+ * plans; benchmarks use it to run a variant on its own). `opts.size` defaults to 512 here; the recipe
+ * run passes the model's default size.
+ */
+export function variantOptions(v: RecipeVariant, opts: Pick<RecipeOptions, 'seed' | 'size' | 'batchSize' | 'amalgamate' | 'signal'> = {}): ExtractOptions {
+  return {
+    layers: typeof v.layers === 'string' ? v.layers : [...v.layers],
+    prompt: v.prompt,
+    attention: v.attention ?? false,
+    control: v.control ?? null,
+    denoiseFrom: v.denoiseFrom,
+    t: v.t ?? 50,
+    seed: (opts.seed ?? 0) + (v.seed ?? 0),
+    size: opts.size ?? 512,
+    batchSize: opts.batchSize ?? 1,
+    packaged: !!opts.amalgamate,
+    signal: opts.signal,
+  };
+}
+
 function loraKey(v: RecipeVariant): string {
   return [...(v.lora ?? [])].sort().join('+');
 }
@@ -194,42 +219,30 @@ export async function extractRecipe(
   const bv = opts.batchVariants ?? 'auto';
   if (bv !== 'auto' && typeof bv !== 'boolean') throw new InvalidArgumentError(`batchVariants must be true, false or 'auto', got '${String(bv)}'`);
   const batchVariants = bv === 'auto' ? pipeline.device.startsWith('cuda') : bv;
-  const defaultSize = typeof pipeline.model.default_size === 'number' ? pipeline.model.default_size : 512;
+  const engine = engineOf(pipeline);
   const groups = new Map<string, RecipeVariant[]>();
   for (const v of variants) {
     const k = loraKey(v);
     groups.set(k, [...(groups.get(k) ?? []), v]);
   }
-  const optionsOf = (v: RecipeVariant): ExtractOptions => ({
-    layers: typeof v.layers === 'string' ? v.layers : [...v.layers],
-    prompt: v.prompt,
-    attention: v.attention ?? false,
-    control: v.control ?? null,
-    denoiseFrom: v.denoiseFrom,
-    t: v.t ?? 50,
-    seed: (opts.seed ?? 0) + (v.seed ?? 0),
-    size: opts.size ?? defaultSize,
-    batchSize: opts.batchSize ?? 1,
-    packaged: !!opts.amalgamate,
-    signal: opts.signal,
-  });
+  const optionsOf = (v: RecipeVariant): ExtractOptions => variantOptions(v, { ...opts, size: opts.size ?? defaultSize(pipeline.model) });
 
-  return pipeline.exclusive(async () => {
+  return engine.run(async () => {
     const perImage: Record<string, ImageFeatures>[] = images.map(() => ({}));
     const results: RecipeResult[] = [];
     try {
-      const plans = new Map<string, Awaited<ReturnType<Pipeline['plan']>>>();
-      for (const v of variants) plans.set(v.name, await pipeline.plan(images, optionsOf(v)));
+      const plans = new Map<string, Plan>();
+      for (const v of variants) plans.set(v.name, await engine.plan(images, optionsOf(v)));
       const batchSize = opts.batchSize ?? 1;
-      const size = opts.size ?? defaultSize;
+      const size = opts.size ?? defaultSize(pipeline.model);
       // Chunks of images keep the shared per-batch state bounded while amortising LoRA merges.
       const chunk = Math.max(batchSize, 32);
       for (let c0 = 0; c0 < images.length; c0 += chunk) {
         const chunkImages = images.slice(c0, c0 + chunk);
-        const contexts = [];
+        const contexts: BatchContext[] = [];
         try {
           for (let s = 0; s < chunkImages.length; s += batchSize) {
-            contexts.push(await pipeline.prepareBatch(chunkImages, s, { size, batchSize }, { signal: opts.signal }));
+            contexts.push(await engine.prepareBatch(chunkImages, s, { size, batchSize }, { signal: opts.signal }));
           }
           for (const [, group] of groups) {
             const specs: LoraSpec[] = (group[0]!.lora ?? []).map((slot) => {
@@ -245,7 +258,7 @@ export async function extractRecipe(
             // Variants that can share one batched call (same schedule), in recipe order.
             const batches: (typeof items)[] = [];
             for (const it of items) {
-              const b = batchVariants ? batches.find((bb) => pipeline.batchable(bb[0]!, it)) : undefined;
+              const b = batchVariants ? batches.find((bb) => engine.batchable(bb[0]!, it)) : undefined;
               if (b) b.push(it);
               else batches.push([it]);
             }
@@ -254,7 +267,7 @@ export async function extractRecipe(
               const onProgress = opts.onProgress ? (p: Progress) => opts.onProgress!({ ...p, done: c0 + p.done, total: images.length, variant: label }) : undefined;
               const run = batch.map((it, k) => ({ plan: it.plan, o: k === 0 ? { ...it.o, onProgress } : it.o }));
               for (const ctx of contexts) {
-                const res = await pipeline.runVariants(ctx, run);
+                const res = await engine.runVariants(ctx, run);
                 res.forEach((perV, k) =>
                   perV.forEach((f, i) => {
                     perImage[c0 + ctx.start + i]![batch[k]!.v.name] = f;
@@ -272,7 +285,7 @@ export async function extractRecipe(
         const vs = perImage[i]!;
         const ordered: Record<string, ImageFeatures> = {};
         for (const v of variants) ordered[v.name] = vs[v.name]!;
-        const amalgamated = cpuOps ? await opTensor(cpuOps, 'package', Object.values(ordered).map((f) => f.packaged!)) : undefined;
+        const amalgamated = cpuOps ? await cpuOps.package(Object.values(ordered).map((f) => f.packaged!)) : undefined;
         const dispose = (): void => {
           Object.values(ordered).forEach((f) => f.dispose());
           if (amalgamated && !amalgamated.disposed) amalgamated.dispose();

@@ -5,7 +5,7 @@
 import test from 'ava';
 import { join } from 'node:path';
 import { cudaAvailable, Tensor } from '../lib/native.js';
-import { loadPipeline, type ExtractOptions } from '../lib/pipeline.js';
+import { loadPipeline, type ExtractOptions } from '../lib/pipeline/index.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const WEIGHTS = process.env.DF_TEST_WEIGHTS ?? join(ROOT, 'models', 'micro');

@@ -10,8 +10,8 @@ import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { SafetensorsFile, writeSafetensors } from '../lib/safetensors.js';
-import { loadPipeline, type ExtractOptions, type Pipeline } from '../lib/pipeline.js';
+import { SafetensorsFile, writeSafetensors } from '../lib/io/safetensors.js';
+import { loadPipeline, type ExtractOptions, type Pipeline } from '../lib/pipeline/index.js';
 import { Tensor } from '../lib/native.js';
 
 const run = promisify(execFile);

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { loadImage, pilResize, preprocessImage, toRGB, MAX_IMAGE_SIZE } from '../lib/image.js';
-import { SafetensorsFile } from '../lib/safetensors.js';
+import { SafetensorsFile } from '../lib/io/safetensors.js';
 import { FileNotFoundError, ImageDecodeError, InvalidArgumentError } from '../lib/errors.js';
 
 const RES = join(import.meta.dirname, 'fixtures', 'resize');

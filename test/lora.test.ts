@@ -4,10 +4,9 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import {
-  loraDeltaF64, mergeLoraF64, parseLora, planLoraMerge, readLoraFile, ParameterIndex, type LoraFile, type ParamInfo,
-} from '../lib/lora.js';
-import { SafetensorsFile, encodeSafetensors, type StTensorInput } from '../lib/safetensors.js';
+import { parseLora, planLoraMerge, readLoraFile, ParameterIndex, type LoraFile, type ParamInfo } from '../lib/lora/index.js';
+import { loraDeltaF64, mergeLoraF64 } from './oracles/lora.js';
+import { SafetensorsFile, encodeSafetensors, type StTensorInput } from '../lib/io/safetensors.js';
 import { DiffusionFeaturesError } from '../lib/errors.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -230,7 +229,7 @@ const nativeTest = nativeReady ? test.serial : test.skip;
 
 nativeTest('LoraManager merges into the UNet exactly as the reference, swaps and restores exactly', async (t) => {
   const { ScriptModule, Tensor } = await import('../lib/native.js');
-  const { LoraManager } = await import('../lib/lora.js');
+  const { LoraManager } = await import('../lib/lora/index.js');
   const unet = await ScriptModule.load(join(microDir, 'unet.pt'), { device: 'cpu', dtype: 'float32' });
   const text = await ScriptModule.load(join(microDir, 'text_encoder.pt'), { device: 'cpu', dtype: 'float32' });
   const g = await goldens;

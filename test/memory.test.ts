@@ -4,7 +4,7 @@
  */
 import test from 'ava';
 import { join } from 'node:path';
-import { loadPipeline } from '../lib/pipeline.js';
+import { loadPipeline } from '../lib/pipeline/index.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const WEIGHTS = process.env.DF_TEST_WEIGHTS ?? join(ROOT, 'models', 'micro');

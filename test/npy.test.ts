@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { createRequire } from 'node:module';
-import { decodeNpy, encodeNpy, readNpy, writeNpy } from '../lib/npy.js';
+import { decodeNpy, encodeNpy, readNpy, writeNpy } from '../lib/io/npy.js';
 
 const require = createRequire(import.meta.url);
 const python: string | null = require('../scripts/python.cjs').findPython();

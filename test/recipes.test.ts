@@ -8,9 +8,10 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { loadPipeline, type Pipeline } from '../lib/pipeline.js';
+import { loadPipeline, type Pipeline } from '../lib/pipeline/index.js';
+import { engineOf } from '../lib/pipeline/facade.js';
 import { extractRecipe, getRecipe, RECIPES } from '../lib/recipes.js';
-import { SafetensorsFile } from '../lib/safetensors.js';
+import { SafetensorsFile } from '../lib/io/safetensors.js';
 
 const run = promisify(execFile);
 const ROOT = join(import.meta.dirname, '..');
@@ -87,8 +88,9 @@ test.serial('correspondence: batchVariants runs same-schedule variants as one ba
   t.timeout(5 * 60_000);
   const cl = { loraA: loras.a1, loraB: loras.b1 };
   const calls: string[][] = [];
-  const orig = pipe.runVariants.bind(pipe);
-  pipe.runVariants = async (ctx, items) => {
+  const engine = engineOf(pipe);
+  const orig = engine.runVariants.bind(engine);
+  engine.runVariants = async (ctx, items) => {
     calls.push(items.map((it) => it.plan.settings.variant!));
     return orig(ctx, items);
   };
@@ -101,7 +103,7 @@ test.serial('correspondence: batchVariants runs same-schedule variants as one ba
     t.is(calls.length, 7);
     t.true(calls.every((c) => c.length === 1));
   } finally {
-    pipe.runVariants = orig;
+    engine.runVariants = orig;
   }
   try {
     for (const [i, r] of batched.entries()) {

@@ -7,7 +7,7 @@ import { createRequire } from 'node:module';
 import {
   SafetensorsFile, encodeSafetensors, writeSafetensors, float32ToFloat16Bits, float32ToBfloat16Bits,
   float16BitsToFloat32, type StTensorInput,
-} from '../lib/safetensors.js';
+} from '../lib/io/safetensors.js';
 import { DiffusionFeaturesError, InvalidFileError } from '../lib/errors.js';
 
 const FIX = join(import.meta.dirname, 'fixtures', 'safetensors');

@@ -5,7 +5,7 @@ import test from 'ava';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startService, type Service } from '../examples/service.js';
-import { SafetensorsFile } from '../lib/safetensors.js';
+import { SafetensorsFile } from '../lib/io/safetensors.js';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 

@@ -8,9 +8,9 @@ import sharp from 'sharp';
 import {
   attentionTokenMaps, contentDiff, gateScoreFromDiffs, parsePairAnnotation, pck, readFeatureFile, resizeBilinear, resizeNearest,
   roundHalfEven, selectFeature, type FeatureArray,
-} from '../lib/tools.js';
-import { encodeSafetensors } from '../lib/safetensors.js';
-import { writeNpy } from '../lib/npy.js';
+} from '../lib/tools/index.js';
+import { encodeSafetensors } from '../lib/io/safetensors.js';
+import { writeNpy } from '../lib/io/npy.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 
@@ -129,7 +129,7 @@ function positional(C: number, H: number, W: number, seed = 1): Float32Array {
 }
 
 nativeTest('visualizeFile: one PCA panel per tensor, attention token maps, short side 512', async (t) => {
-  const { visualizeFile } = await import('../lib/tools.js');
+  const { visualizeFile } = await import('../lib/tools/index.js');
   const dir = await mkdtemp(join(tmpdir(), 'viz-'));
   try {
     const file = join(dir, 'f.safetensors');
@@ -179,7 +179,7 @@ nativeTest('visualizeFile: one PCA panel per tensor, attention token maps, short
 });
 
 nativeTest('gateScoreFiles: the reference scores 1, the anchor 0', async (t) => {
-  const { gateScoreFiles, laplacianMap } = await import('../lib/tools.js');
+  const { gateScoreFiles, laplacianMap } = await import('../lib/tools/index.js');
   const dir = await mkdtemp(join(tmpdir(), 'gate-'));
   try {
     const ref = positional(4, 8, 8);
@@ -207,7 +207,7 @@ nativeTest('gateScoreFiles: the reference scores 1, the anchor 0', async (t) => 
 });
 
 nativeTest('correspondenceFiles: identical features give PCK 1; sizes from the JSON or the images', async (t) => {
-  const { correspondenceFiles } = await import('../lib/tools.js');
+  const { correspondenceFiles } = await import('../lib/tools/index.js');
   const dir = await mkdtemp(join(tmpdir(), 'corr-'));
   try {
     const feats = join(dir, 'features');

@@ -8,8 +8,9 @@
  * @module
  */
 import { readFile } from 'node:fs/promises';
-import { FileNotFoundError, InvalidArgumentError, InvalidFileError } from './errors.js';
-import { float16BitsToFloat32, float32ToFloat16Bits, writeFileAtomic } from './safetensors.js';
+import { FileNotFoundError, InvalidArgumentError, InvalidFileError } from '../errors.js';
+import { float16BitsToFloat32, float32ToFloat16Bits } from './safetensors.js';
+import { writeFileAtomic } from './atomic.js';
 
 /** Element types supported by the `.npy` writer. */
 export type NpyDType = 'float32' | 'float16';

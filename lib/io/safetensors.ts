@@ -15,13 +15,12 @@
  * @module
  */
 import { closeSync, openSync, readSync } from 'node:fs';
-import { open, rename, unlink } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { open, type FileHandle } from 'node:fs/promises';
+import { writeFileAtomic } from './atomic.js';
 import { endianness } from 'node:os';
 import {
-  DiffusionFeaturesError, FileNotFoundError, InvalidArgumentError, InvalidFileError, NotFoundError, WriteError,
-} from './errors.js';
+  FileNotFoundError, InvalidArgumentError, InvalidFileError, NotFoundError,
+} from '../errors.js';
 
 /** Safetensors dtype names supported by this package. */
 export type StDType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
@@ -415,7 +414,7 @@ function intView(dtype: StDType, b: ArrayBuffer): Int32Array | Int16Array | Int8
 }
 
 async function readExactly(
-  fh: import('node:fs/promises').FileHandle, dst: Uint8Array, position: number, source: string,
+  fh: FileHandle, dst: Uint8Array, position: number, source: string,
 ): Promise<void> {
   let off = 0;
   while (off < dst.length) {
@@ -483,37 +482,6 @@ export function encodeSafetensors(
     off += v.length;
   }
   return out;
-}
-
-/**
- * Write a file atomically: the chunks go to a temporary file in the same directory, which is flushed
- * and renamed over `path`. On any failure the temporary file is removed and `path` is untouched.
- * @param path destination path
- * @param chunks byte chunks written in order
- */
-export async function writeFileAtomic(path: string, chunks: Iterable<Uint8Array>): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
-  let fh: import('node:fs/promises').FileHandle | undefined;
-  try {
-    fh = await open(tmp, 'wx');
-    for (const c of chunks) {
-      let off = 0;
-      while (off < c.length) {
-        const { bytesWritten } = await fh.write(c, off, c.length - off);
-        off += bytesWritten;
-      }
-    }
-    await fh.sync();
-    await fh.close();
-    fh = undefined;
-    await rename(tmp, path);
-  } catch (e) {
-    if (fh) await fh.close().catch(() => undefined);
-    await unlink(tmp).catch(() => undefined);
-    if (e instanceof DiffusionFeaturesError) throw e;
-    const err = e as NodeJS.ErrnoException;
-    throw new WriteError(path, `write failed (${err.code ?? err.message})`, { cause: e });
-  }
 }
 
 /**
