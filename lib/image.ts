@@ -20,15 +20,29 @@
  * instead of scaling); embedded ICC profiles are ignored like PIL does, except for CMYK images, which
  * sharp converts to sRGB.
  *
+ * Hostile input (every path and byte count comes from a caller): only regular files are read (no
+ * FIFO, device, socket or folder), at most `maxBytes` of them; images over `maxPixels` source pixels
+ * are refused before decoding; `signal` stops reading, and stops the resize between rows. Decoding and
+ * resizing of images over {@link INLINE_PIXELS} source pixels run in a small pool of worker threads
+ * (node:worker_threads, created on first use, unref'd when idle), so a 16k×16k PNG does not stall the
+ * event loop.
+ *
  * @module
  */
-import { readFile, stat } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
 import { basename, extname } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import sharp from 'sharp';
-import { FileNotFoundError, ImageDecodeError, InvalidArgumentError } from './errors.js';
+import {
+  AbortError, DiffusionFeaturesError, FileAccessError, ImageDecodeError, InvalidArgumentError, LimitExceededError, fileError,
+} from './errors.js';
+import { imageCore, type ResampleMode } from './image-core.js';
 
 /** Resampling implementation used by {@link loadImage}. */
-export type ResampleMode = 'pil' | 'sharp';
+export type { ResampleMode };
 
 /** Options of {@link loadImage}. */
 export interface LoadImageOptions {
@@ -36,6 +50,20 @@ export interface LoadImageOptions {
   resample?: ResampleMode;
   /** Name to report for Buffer inputs (default `'buffer'`); file inputs use their base name. */
   name?: string;
+  /** Stops reading the file and the resize; the promise rejects with an `AbortError` (`E_ABORTED`). */
+  signal?: AbortSignal;
+  /** Largest accepted encoded size in bytes (default {@link DEFAULT_MAX_IMAGE_BYTES}); over it: `E_LIMIT_EXCEEDED`. */
+  maxBytes?: number;
+  /**
+   * Largest accepted source image in pixels, width × height (default {@link DEFAULT_MAX_PIXELS}, sharp's
+   * `limitInputPixels`); over it: `E_LIMIT_EXCEEDED`, checked from the header before decoding.
+   */
+  maxPixels?: number;
+  /**
+   * Where to decode and resize: `'auto'` (default) uses the worker threads for images over
+   * {@link INLINE_PIXELS} pixels; `true` always; `false` never (on the calling thread, as before).
+   */
+  offThread?: boolean | 'auto';
 }
 
 /** A decoded, resized RGB image. */
@@ -55,195 +83,35 @@ export interface LoadedImage {
 /** Largest accepted output side. */
 export const MAX_IMAGE_SIZE = 16384;
 
-/** An 8-bit interleaved pixel buffer with `channels` bands (1 = L, 2 = LA, 3 = RGB, 4 = RGBA). */
-interface Pixels {
-  data: Uint8Array;
-  width: number;
-  height: number;
-  channels: number;
-}
 
-const PRECISION_BITS = 32 - 8 - 2;
-const ONE = 1 << PRECISION_BITS;
-const HALF = 1 << (PRECISION_BITS - 1);
+/** Default of {@link LoadImageOptions.maxBytes}: 256 MiB. */
+export const DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024;
 
-function bicubic(x: number): number {
-  const a = -0.5;
-  if (x < 0) x = -x;
-  if (x < 1) return ((a + 2) * x - (a + 3)) * x * x + 1;
-  if (x < 2) return (((x - 5) * x + 8) * x - 4) * a;
-  return 0;
-}
+/** Default of {@link LoadImageOptions.maxPixels}: sharp's `limitInputPixels` default, 16383 × 16383. */
+export const DEFAULT_MAX_PIXELS = 0x3fff * 0x3fff;
 
-/** Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bicubic filter (support 2). */
-function coefficients(inSize: number, outSize: number): { ksize: number; bounds: Int32Array; kk: Int32Array } {
-  const scale = inSize / outSize;
-  const filterscale = Math.max(scale, 1);
-  const support = 2 * filterscale;
-  const ksize = Math.ceil(support) * 2 + 1;
-  const bounds = new Int32Array(outSize * 2);
-  const kk = new Int32Array(outSize * ksize);
-  const w = new Float64Array(ksize);
-  for (let xx = 0; xx < outSize; xx++) {
-    const center = (xx + 0.5) * scale;
-    const ss = 1 / filterscale;
-    const xmin = Math.max(Math.trunc(center - support + 0.5), 0);
-    const xmax = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
-    let ww = 0;
-    for (let x = 0; x < xmax; x++) {
-      w[x] = bicubic((x + xmin - center + 0.5) * ss);
-      ww += w[x];
-    }
-    for (let x = 0; x < xmax; x++) {
-      const k = ww !== 0 ? w[x] / ww : w[x];
-      kk[xx * ksize + x] = k < 0 ? Math.trunc(-0.5 + k * ONE) : Math.trunc(0.5 + k * ONE);
-    }
-    bounds[xx * 2] = xmin;
-    bounds[xx * 2 + 1] = xmax;
-  }
-  return { ksize, bounds, kk };
-}
+/** Images with at most this many source pixels are decoded on the calling thread in `'auto'` mode. */
+export const INLINE_PIXELS = 512 * 512;
 
-function clip8(ss: number): number {
-  const v = Math.floor(ss / ONE);
-  return v < 0 ? 0 : v > 255 ? 255 : v;
-}
-
-/** Pillow's two-pass 8-bit bicubic resample of all bands. */
-function resampleBicubic(src: Pixels, outW: number, outH: number): Pixels {
-  const { channels: c } = src;
-  let cur = src;
-  const vert = coefficients(src.height, outH);
-  if (outW !== src.width) {
-    const hor = coefficients(src.width, outW);
-    // only the rows the vertical pass reads
-    const y0 = vert.bounds[0];
-    const y1 = outH !== src.height ? vert.bounds[outH * 2 - 2] + vert.bounds[outH * 2 - 1] : src.height;
-    const rows = outH !== src.height ? y1 - y0 : src.height;
-    const first = outH !== src.height ? y0 : 0;
-    const out = new Uint8Array(outW * rows * c);
-    for (let y = 0; y < rows; y++) {
-      const rowIn = (y + first) * src.width * c;
-      const rowOut = y * outW * c;
-      for (let xx = 0; xx < outW; xx++) {
-        const xmin = hor.bounds[xx * 2];
-        const xmax = hor.bounds[xx * 2 + 1];
-        const k0 = xx * hor.ksize;
-        for (let b = 0; b < c; b++) {
-          let ss = HALF;
-          for (let x = 0; x < xmax; x++) ss += src.data[rowIn + (x + xmin) * c + b] * hor.kk[k0 + x];
-          out[rowOut + xx * c + b] = clip8(ss);
-        }
-      }
-    }
-    if (outH !== src.height) for (let i = 0; i < outH; i++) vert.bounds[i * 2] -= first;
-    cur = { data: out, width: outW, height: rows, channels: c };
-  }
-  if (outH !== src.height) {
-    const out = new Uint8Array(cur.width * outH * c);
-    const stride = cur.width * c;
-    for (let yy = 0; yy < outH; yy++) {
-      const ymin = vert.bounds[yy * 2];
-      const ymax = vert.bounds[yy * 2 + 1];
-      const k0 = yy * vert.ksize;
-      for (let i = 0; i < stride; i++) {
-        let ss = HALF;
-        for (let y = 0; y < ymax; y++) ss += cur.data[(y + ymin) * stride + i] * vert.kk[k0 + y];
-        out[yy * stride + i] = clip8(ss);
-      }
-    }
-    cur = { data: out, width: cur.width, height: outH, channels: c };
-  }
-  return cur;
-}
-
-/** Pillow's NEAREST resize (`ImagingScaleAffine`: pixel-centre sampling, incremental coordinates). */
-function resampleNearest(src: Pixels, outW: number, outH: number): Pixels {
-  const c = src.channels;
-  const tab = (inSize: number, outSize: number): Int32Array => {
-    const t = new Int32Array(outSize);
-    const a = inSize / outSize;
-    let o = a * 0.5;
-    for (let i = 0; i < outSize; i++) {
-      t[i] = Math.min(o < 0 ? -1 : Math.trunc(o), inSize - 1);
-      o += a;
-    }
-    return t;
-  };
-  const xt = tab(src.width, outW);
-  const yt = tab(src.height, outH);
-  const out = new Uint8Array(outW * outH * c);
-  for (let y = 0; y < outH; y++) {
-    for (let x = 0; x < outW; x++) {
-      const s = (yt[y] * src.width + xt[x]) * c;
-      const d = (y * outW + x) * c;
-      for (let b = 0; b < c; b++) out[d + b] = src.data[s + b];
-    }
-  }
-  return { data: out, width: outW, height: outH, channels: c };
-}
-
-/** Premultiply colour bands by alpha (Pillow's `RGBA → RGBa`, `MULDIV255`). Alpha is the last band. */
-function premultiply(p: Pixels): Pixels {
-  const c = p.channels;
-  const out = new Uint8Array(p.data);
-  for (let i = 0; i < out.length; i += c) {
-    const alpha = out[i + c - 1];
-    for (let b = 0; b < c - 1; b++) {
-      const tmp = out[i + b] * alpha + 128;
-      out[i + b] = ((tmp >> 8) + tmp) >> 8;
-    }
-  }
-  return { ...p, data: out };
-}
-
-/** Undo {@link premultiply} (Pillow's `RGBa → RGBA`: truncating division, clipped). */
-function unpremultiply(p: Pixels): Pixels {
-  const c = p.channels;
-  const out = p.data;
-  for (let i = 0; i < out.length; i += c) {
-    const alpha = out[i + c - 1];
-    if (alpha === 0 || alpha === 255) continue;
-    for (let b = 0; b < c - 1; b++) out[i + b] = Math.min(255, Math.trunc((255 * out[i + b]) / alpha));
-  }
-  return p;
-}
+const core = imageCore(sharp);
 
 /**
  * Resize 8-bit interleaved pixels like Pillow 9.4's `Image.resize(size)` with its default filter:
  * NEAREST when `nearest` (palette / 1-bit images), else BICUBIC (premultiplied when there is alpha,
- * i.e. 2 or 4 channels). Same size returns a copy.
+ * i.e. 2 or 4 channels). Same size returns a copy. Runs on the calling thread.
  */
 export function pilResize(
   data: Uint8Array, width: number, height: number, channels: number, outW: number, outH: number, nearest = false,
 ): Uint8Array {
-  if (data.length !== width * height * channels) {
-    throw new InvalidArgumentError(`pilResize: ${data.length} bytes for ${width}×${height}×${channels}`);
+  if (!(data instanceof Uint8Array) || data.length !== width * height * channels) {
+    throw new InvalidArgumentError(`pilResize: ${data?.length} bytes for ${width}×${height}×${channels}`);
   }
-  const src: Pixels = { data, width, height, channels };
-  if (width === outW && height === outH) return new Uint8Array(data);
-  if (nearest) return resampleNearest(src, outW, outH).data;
-  const alpha = channels === 2 || channels === 4;
-  if (!alpha) return resampleBicubic(src, outW, outH).data;
-  return unpremultiply(resampleBicubic(premultiply(src), outW, outH)).data;
+  return core.pilResize(data, width, height, channels, outW, outH, nearest);
 }
 
 /** PIL's `.convert('RGB')` of L / LA / RGB / RGBA pixels: grey replicated, alpha dropped (no compositing). */
 export function toRGB(data: Uint8Array, channels: number): Uint8Array {
-  if (channels === 3) return data;
-  const n = data.length / channels;
-  const out = new Uint8Array(n * 3);
-  for (let i = 0; i < n; i++) {
-    const s = i * channels;
-    if (channels <= 2) {
-      out[i * 3] = out[i * 3 + 1] = out[i * 3 + 2] = data[s];
-    } else {
-      out[i * 3] = data[s];
-      out[i * 3 + 1] = data[s + 1];
-      out[i * 3 + 2] = data[s + 2];
-    }
-  }
-  return out;
+  return core.toRGB(data, channels);
 }
 
 /**
@@ -268,6 +136,194 @@ export function preprocessImage(data: Uint8Array, size: number, out?: Float32Arr
   return dst;
 }
 
+
+// ---- worker pool -------------------------------------------------------------------------------
+
+interface Job {
+  bytes: Uint8Array;
+  /** The bytes are ours (read from a file): their buffer may be transferred, not copied. */
+  owned: boolean;
+  size: number;
+  resample: ResampleMode;
+  maxPixels: number;
+  resolve: (v: { data: Uint8Array; width: number; height: number }) => void;
+  reject: (e: unknown) => void;
+  signal?: AbortSignal;
+  onAbort?: () => void;
+}
+
+interface Slot {
+  worker: Worker;
+  abort: Int32Array;
+  job?: Job;
+}
+
+const WORKER_SOURCE = (sharpPath: string): string => `
+'use strict';
+var __name = (f) => f;
+const { parentPort, workerData } = require('node:worker_threads');
+const abort = new Int32Array(workerData.abort);
+const core = (${imageCore.toString()})(require(${JSON.stringify(sharpPath)}), abort);
+parentPort.on('message', (m) => {
+  core.decodeResize(new Uint8Array(m.bytes), m.size, m.resample, m.maxPixels).then(
+    (r) => parentPort.postMessage({ ok: true, data: r.data, width: r.width, height: r.height }, [r.data.buffer]),
+    (e) => parentPort.postMessage({ ok: false, kind: e && e.kind || 'decode', message: String(e && e.message || e) }),
+  );
+});
+`;
+
+class ImagePool {
+  private readonly slots: Slot[] = [];
+  private readonly queue: Job[] = [];
+  private source?: string;
+  private broken = false;
+
+  constructor(private readonly max: number) {}
+
+  /** Whether worker threads can be used (false after a worker could not be started). */
+  get usable(): boolean {
+    return !this.broken;
+  }
+
+  run(job: Job): void {
+    this.queue.push(job);
+    this.pump();
+  }
+
+  private spawn(): Slot | undefined {
+    try {
+      this.source ??= WORKER_SOURCE(createRequire(import.meta.url).resolve('sharp'));
+      const abort = new Int32Array(new SharedArrayBuffer(4));
+      const worker = new Worker(this.source, { eval: true, execArgv: [], workerData: { abort: abort.buffer }, name: 'diffusion-features image' });
+      const slot: Slot = { worker, abort };
+      worker.on('message', (m: { ok: boolean; data?: Uint8Array; width?: number; height?: number; kind?: string; message?: string }) => {
+        const job = slot.job;
+        slot.job = undefined;
+        Atomics.store(slot.abort, 0, 0);
+        if (job) {
+          if (job.onAbort) job.signal?.removeEventListener('abort', job.onAbort);
+          if (m.ok) job.resolve({ data: m.data!, width: m.width!, height: m.height! });
+          else job.reject(Object.assign(new Error(m.message), { kind: m.kind }));
+        }
+        this.pump();
+      });
+      const fail = (err: unknown): void => {
+        const i = this.slots.indexOf(slot);
+        if (i >= 0) this.slots.splice(i, 1);
+        const job = slot.job;
+        slot.job = undefined;
+        job?.reject(Object.assign(new Error(`image worker stopped (${(err as Error)?.message ?? String(err)})`), { kind: 'decode' }));
+        this.pump();
+      };
+      worker.on('error', fail);
+      worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
+      worker.unref();
+      this.slots.push(slot);
+      return slot;
+    } catch {
+      this.broken = true;
+      return undefined;
+    }
+  }
+
+  private pump(): void {
+    while (this.queue.length) {
+      let slot = this.slots.find((s) => !s.job);
+      if (!slot && this.slots.length < this.max) slot = this.spawn();
+      if (!slot) {
+        if (this.broken && this.slots.length === 0) {
+          // no thread could be started: run the waiting jobs here rather than fail them
+          for (const job of this.queue.splice(0)) core.decodeResize(job.bytes, job.size, job.resample, job.maxPixels).then(job.resolve, job.reject);
+        }
+        return;
+      }
+      const job = this.queue.shift()!;
+      if (job.signal?.aborted) {
+        job.reject(Object.assign(new Error('image loading aborted'), { kind: 'aborted' }));
+        continue;
+      }
+      slot.job = job;
+      Atomics.store(slot.abort, 0, 0);
+      if (job.signal) {
+        const s = slot;
+        job.onAbort = () => Atomics.store(s.abort, 0, 1);
+        job.signal.addEventListener('abort', job.onAbort, { once: true });
+      }
+      slot.worker.ref();
+      // a caller's buffer is never transferred (it would be detached under them): copied instead
+      const whole = job.bytes.byteOffset === 0 && job.bytes.byteLength === job.bytes.buffer.byteLength && job.bytes.buffer instanceof ArrayBuffer;
+      const bytes = job.owned && whole ? (job.bytes.buffer as ArrayBuffer) : new Uint8Array(job.bytes).buffer; // (Buffer#slice does not copy)
+      slot.worker.postMessage({ bytes, size: job.size, resample: job.resample, maxPixels: job.maxPixels }, [bytes]);
+    }
+    for (const s of this.slots) if (!s.job) s.worker.unref();
+  }
+}
+
+let pool: ImagePool | undefined;
+function imagePool(): ImagePool {
+  pool ??= new ImagePool(Math.max(1, Math.min(2, availableParallelism())));
+  return pool;
+}
+
+function decodeOffThread(bytes: Uint8Array, owned: boolean, size: number, resample: ResampleMode, maxPixels: number, signal?: AbortSignal) {
+  return new Promise<{ data: Uint8Array; width: number; height: number }>((resolve, reject) => {
+    // an abort rejects at once; the worker stops at its next check and its result is dropped
+    const onAbort = (): void => reject(Object.assign(new Error('image loading aborted'), { kind: 'aborted' }));
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const done = (): void => signal?.removeEventListener('abort', onAbort);
+    imagePool().run({
+      bytes, owned, size, resample, maxPixels, signal,
+      resolve: (v) => { done(); resolve(v); },
+      reject: (e) => { done(); reject(e); },
+    });
+  });
+}
+
+// ---- reading -----------------------------------------------------------------------------------
+
+const READ_CHUNK = 4 * 1024 * 1024;
+
+/**
+ * Reads a whole regular file, at most `maxBytes` bytes, checking `signal` between chunks. The file
+ * is opened non-blocking (a FIFO cannot block the open) and checked with fstat on the opened handle
+ * (no race between the check and the read).
+ */
+async function readImageFile(path: string, maxBytes: number, signal?: AbortSignal): Promise<Uint8Array> {
+  let fh;
+  try {
+    fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | (fsConstants.O_NOCTTY ?? 0));
+  } catch (e) {
+    throw fileError(path, e, 'image file');
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) {
+      const what = st.isDirectory() ? 'a directory' : st.isFIFO() ? 'a FIFO' : st.isCharacterDevice() ? 'a character device' : st.isBlockDevice() ? 'a block device' : st.isSocket() ? 'a socket' : 'not a regular file';
+      throw new FileAccessError(path, `is ${what}, not an image file (only regular files are read)`);
+    }
+    if (st.size > maxBytes) throw new LimitExceededError(`${path}: image file is ${st.size} bytes, over the limit of ${maxBytes} (maxBytes)`);
+    const buf = new Uint8Array(st.size);
+    let off = 0;
+    while (off < buf.length) {
+      if (signal?.aborted) throw new AbortError(`reading ${path} aborted`, { cause: signal.reason });
+      const { bytesRead } = await fh.read(buf, off, Math.min(READ_CHUNK, buf.length - off), off);
+      if (bytesRead === 0) break;
+      off += bytesRead;
+    }
+    return off === buf.length ? buf : buf.subarray(0, off);
+  } catch (e) {
+    throw fileError(path, e, 'image file');
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+}
+
+function checkLimit(name: string, v: number | undefined, dflt: number): number {
+  if (v === undefined) return dflt;
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw new InvalidArgumentError(`${name} must be a positive integer, got ${String(v)}`);
+  return v;
+}
+
 function displayName(input: string | Uint8Array, opts: LoadImageOptions): string {
   if (typeof input === 'string') return basename(input, extname(input));
   return opts.name ?? 'buffer';
@@ -278,60 +334,60 @@ function displayName(input: string | Uint8Array, opts: LoadImageOptions): string
  * RGB bytes, resized as the reference does (see the module doc).
  * @param input a file path, or the encoded image bytes
  * @param size output side length in pixels (e.g. 512)
- * @throws FileNotFoundError for a missing file; ImageDecodeError (code `E_IMAGE_DECODE`) for an empty,
- * truncated, corrupt or non-image input; InvalidArgumentError for a bad `size`
+ * @throws FileNotFoundError (`E_FILE_NOT_FOUND`) for a missing file; FileAccessError (`E_FILE_ACCESS`)
+ * for an unreadable file or one that is not a regular file; LimitExceededError (`E_LIMIT_EXCEEDED`)
+ * over `maxBytes`/`maxPixels`; ImageDecodeError (`E_IMAGE_DECODE`) for an empty, truncated, corrupt or
+ * non-image input; AbortError (`E_ABORTED`) when `signal` aborts; InvalidArgumentError for bad options
  */
 export async function loadImage(
   input: string | Uint8Array, size: number, opts: LoadImageOptions = {},
 ): Promise<LoadedImage> {
+  if (opts === null || typeof opts !== 'object') throw new InvalidArgumentError('loadImage options must be an object');
   if (!Number.isSafeInteger(size) || size < 1 || size > MAX_IMAGE_SIZE) {
     throw new InvalidArgumentError(`image size must be an integer in [1, ${MAX_IMAGE_SIZE}], got ${size}`);
   }
   const resample = opts.resample ?? 'pil';
   if (resample !== 'pil' && resample !== 'sharp') throw new InvalidArgumentError(`resample must be 'pil' or 'sharp', got ${JSON.stringify(resample)}`);
+  const maxBytes = checkLimit('maxBytes', opts.maxBytes, DEFAULT_MAX_IMAGE_BYTES);
+  const maxPixels = checkLimit('maxPixels', opts.maxPixels, DEFAULT_MAX_PIXELS);
+  const offThread = opts.offThread ?? 'auto';
+  if (offThread !== true && offThread !== false && offThread !== 'auto') throw new InvalidArgumentError(`offThread must be true, false or 'auto', got ${String(offThread)}`);
+  const { signal } = opts;
+  if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidArgumentError('signal must be an AbortSignal');
   const label = typeof input === 'string' ? input : opts.name ?? '<buffer>';
+  const aborted = (): AbortError => new AbortError(`loading ${label} aborted`, { cause: signal?.reason });
+  if (signal?.aborted) throw aborted();
   let bytes: Uint8Array;
+  const owned = typeof input === 'string';
   if (typeof input === 'string') {
-    try {
-      const st = await stat(input);
-      if (st.isDirectory()) throw new ImageDecodeError(input, 'is a directory, not an image');
-      bytes = await readFile(input);
-    } catch (e) {
-      if (e instanceof ImageDecodeError) throw e;
-      const code = (e as NodeJS.ErrnoException).code;
-      throw new FileNotFoundError(input, code === 'ENOENT' ? 'image file not found' : `cannot read image (${code ?? String(e)})`, { cause: e });
-    }
+    if (input.length === 0) throw new InvalidArgumentError('image path is empty');
+    if (input.includes('\0')) throw new InvalidArgumentError(`image path ${JSON.stringify(input)} contains a NUL character`);
+    bytes = await readImageFile(input, maxBytes, signal);
   } else if (input instanceof Uint8Array) {
+    if (input.length > maxBytes) throw new LimitExceededError(`${label}: image is ${input.length} bytes, over the limit of ${maxBytes} (maxBytes)`);
     bytes = input;
   } else {
-    throw new InvalidArgumentError('loadImage input must be a file path or a Buffer/Uint8Array');
+    throw new InvalidArgumentError(`loadImage input must be a file path or a Buffer/Uint8Array, got ${input === null ? 'null' : typeof input}`);
   }
   if (bytes.length === 0) throw new ImageDecodeError(label, 'empty file (0 bytes)');
+  if (signal?.aborted) throw aborted();
 
-  const make = () => sharp(bytes, { failOn: 'error', autoOrient: true, ignoreIcc: true, limitInputPixels: 0x3fff * 0x3fff });
-  let pixels: Pixels;
-  let srcW: number;
-  let srcH: number;
-  let nearest: boolean;
+  let r: { data: Uint8Array; width: number; height: number };
   try {
-    const meta = await make().metadata();
-    srcW = meta.autoOrient?.width ?? meta.width;
-    srcH = meta.autoOrient?.height ?? meta.height;
-    nearest = meta.isPalette === true || (meta.bitsPerSample === 1 && meta.channels <= 2);
-    // sharp mode resizes in libvips, except palette/1-bit images (NEAREST, done here), exact-size
-    // inputs (pass through untouched as in PIL) and enlargements (libvips's upsampler is far from
-    // PIL's: up to ~50 levels off on a 128 → 200 photo; the PIL port below does those)
-    let pipeline = make();
-    const reduce = srcW >= size && srcH >= size && (srcW !== size || srcH !== size);
-    if (resample === 'sharp' && !nearest && reduce) pipeline = pipeline.resize(size, size, { fit: 'fill', kernel: 'cubic' });
-    const { data, info } = await pipeline.raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
-    pixels = { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: info.width, height: info.height, channels: info.channels };
+    let off = offThread === true;
+    if (offThread === 'auto' && imagePool().usable) {
+      const meta = await sharp(bytes, { limitInputPixels: false }).metadata().catch(() => undefined);
+      off = !!meta && (meta.width ?? 0) * (meta.height ?? 0) > INLINE_PIXELS;
+    }
+    r = off ? await decodeOffThread(bytes, owned, size, resample, maxPixels, signal) : await core.decodeResize(bytes, size, resample, maxPixels);
   } catch (e) {
-    const msg = (e as Error).message.split('\n')[0];
-    throw new ImageDecodeError(label, `cannot decode image (${msg})`, { cause: e });
+    const kind = (e as { kind?: string }).kind;
+    const msg = (e as Error).message;
+    if (kind === 'aborted' || signal?.aborted) throw aborted();
+    if (kind === 'limit') throw new LimitExceededError(`${label}: ${msg} (maxPixels)`, { cause: e });
+    if (e instanceof DiffusionFeaturesError) throw e;
+    throw new ImageDecodeError(label, msg, { cause: e });
   }
-  const { width, height, channels } = pixels;
-  if (channels < 1 || channels > 4) throw new ImageDecodeError(label, `unsupported channel count ${channels}`);
-  const resized = pilResize(pixels.data, width, height, channels, size, size, nearest);
-  return { data: toRGB(resized, channels), width: srcW, height: srcH, size, name: displayName(input, opts) };
+  if (signal?.aborted) throw aborted();
+  return { data: r.data, width: r.width, height: r.height, size, name: displayName(input, opts) };
 }

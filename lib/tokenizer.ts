@@ -19,13 +19,22 @@
  */
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { FileNotFoundError, InvalidArgumentError, InvalidFileError } from './errors.js';
+import { FileNotFoundError, InvalidArgumentError, InvalidFileError, LimitExceededError } from './errors.js';
 
 /** CLIP's context length (`model_max_length`). */
 export const CLIP_MAX_LENGTH = 77;
 
 /** generic-diffusion-feature switches to chunked encoding above this many space-separated words. */
 export const LONG_PROMPT_WORDS = 70;
+
+/**
+ * Longest accepted prompt in UTF-16 code units (about 2,500 CLIP tokens, 33 chunks). Longer prompts
+ * are refused with `E_LIMIT_EXCEEDED` so that no caller can make the text encoder's work unbounded.
+ */
+export const MAX_PROMPT_LENGTH = 10_000;
+
+/** Words shorter than this use the plain round-by-round BPE; longer ones the heap version (same result). */
+const HEAP_BPE_MIN = 48;
 
 const BOS_TOKEN = '<|startoftext|>';
 const EOS_TOKEN = '<|endoftext|>';
@@ -183,8 +192,21 @@ export class ClipTokenizer {
     const cached = this.cache.get(token);
     if (cached) return cached;
     const chars = [...token];
-    let word = chars.slice(0, -1);
-    word.push(chars[chars.length - 1] + '</w>');
+    const symbols = chars.slice(0, -1);
+    symbols.push(chars[chars.length - 1] + '</w>');
+    const word = symbols.length < HEAP_BPE_MIN ? this.bpeRounds(symbols) : this.bpeHeap(symbols);
+    if (this.cache.size > 50_000) this.cache.clear();
+    this.cache.set(token, word);
+    return word;
+  }
+
+  /**
+   * HF's loop: each round finds the lowest-ranked adjacent pair and merges all its occurrences left to
+   * right. O(n²) in the word length, so only used for short words.
+   * @internal exposed for the equivalence property test
+   */
+  bpeRounds(symbols: readonly string[]): string[] {
+    let word = [...symbols];
     while (word.length > 1) {
       let best = -1;
       let bestRank = Infinity;
@@ -210,9 +232,100 @@ export class ClipTokenizer {
       }
       word = merged;
     }
-    if (this.cache.size > 50_000) this.cache.clear();
-    this.cache.set(token, word);
     return word;
+  }
+
+  /**
+   * The same rounds as {@link bpeRounds} in O(n log n): symbols in a linked list, candidate pairs in a
+   * min-heap keyed (rank, position). A round takes every heap entry of the lowest rank, applies the
+   * still-valid ones left to right (an occurrence overlapping an earlier merge of the round is skipped,
+   * as in HF's scan), and only then queues the pairs the merges created.
+   * @internal exposed for the equivalence property test
+   */
+  bpeHeap(symbols: readonly string[]): string[] {
+    const n = symbols.length;
+    const sym = [...symbols];
+    const next = new Int32Array(n);
+    const prev = new Int32Array(n);
+    for (let i = 0; i < n; i++) {
+      next[i] = i + 1 < n ? i + 1 : -1;
+      prev[i] = i - 1;
+    }
+    const alive = new Uint8Array(n).fill(1);
+    // heap entries: rank, left position, and the pair's strings for validation
+    const hr: number[] = [];
+    const hp: number[] = [];
+    const hl: string[] = [];
+    const hrgt: string[] = [];
+    const less = (a: number, b: number): boolean => hr[a]! < hr[b]! || (hr[a] === hr[b] && hp[a]! < hp[b]!);
+    const swap = (a: number, b: number): void => {
+      [hr[a], hr[b]] = [hr[b]!, hr[a]!];
+      [hp[a], hp[b]] = [hp[b]!, hp[a]!];
+      [hl[a], hl[b]] = [hl[b]!, hl[a]!];
+      [hrgt[a], hrgt[b]] = [hrgt[b]!, hrgt[a]!];
+    };
+    const push = (pos: number): void => {
+      const nx = next[pos]!;
+      if (pos < 0 || nx < 0) return;
+      const r = this.ranks.get(`${sym[pos]} ${sym[nx]}`);
+      if (r === undefined) return;
+      hr.push(r);
+      hp.push(pos);
+      hl.push(sym[pos]!);
+      hrgt.push(sym[nx]!);
+      for (let i = hr.length - 1; i > 0; ) {
+        const parent = (i - 1) >> 1;
+        if (!less(i, parent)) break;
+        swap(i, parent);
+        i = parent;
+      }
+    };
+    const pop = (): { rank: number; pos: number; left: string; right: string } => {
+      const top = { rank: hr[0]!, pos: hp[0]!, left: hl[0]!, right: hrgt[0]! };
+      const last = hr.length - 1;
+      swap(0, last);
+      hr.pop();
+      hp.pop();
+      hl.pop();
+      hrgt.pop();
+      for (let i = 0; ; ) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < hr.length && less(l, m)) m = l;
+        if (r < hr.length && less(r, m)) m = r;
+        if (m === i) break;
+        swap(i, m);
+        i = m;
+      }
+      return top;
+    };
+    for (let i = 0; i < n - 1; i++) push(i);
+    while (hr.length > 0) {
+      const rank = hr[0]!;
+      const round: { pos: number; left: string; right: string }[] = [];
+      while (hr.length > 0 && hr[0] === rank) round.push(pop());
+      round.sort((a, b) => a.pos - b.pos);
+      const merged: number[] = [];
+      for (const { pos, left, right } of round) {
+        const nx = next[pos]!;
+        if (!alive[pos] || nx < 0 || sym[pos] !== left || sym[nx] !== right) continue;
+        sym[pos] = left + right;
+        alive[nx] = 0;
+        const nn = next[nx]!;
+        next[pos] = nn;
+        if (nn >= 0) prev[nn] = pos;
+        merged.push(pos);
+      }
+      for (const pos of merged) {
+        if (!alive[pos]) continue;
+        push(prev[pos]!);
+        push(pos);
+      }
+    }
+    const out: string[] = [];
+    for (let i = 0; i >= 0; i = next[i]!) out.push(sym[i]!);
+    return out;
   }
 
   /** BPE tokens of a text segment that contains no literal special token. */
@@ -230,7 +343,10 @@ export class ClipTokenizer {
    * Literal `<|startoftext|>` / `<|endoftext|>` in the text are kept as special tokens.
    */
   tokenize(text: string): string[] {
-    if (typeof text !== 'string') throw new InvalidArgumentError(`prompt must be a string, got ${typeof text}`);
+    if (typeof text !== 'string') throw new InvalidArgumentError(`prompt must be a string, got ${text === null ? 'null' : typeof text}`);
+    if (text.length > MAX_PROMPT_LENGTH) {
+      throw new LimitExceededError(`prompt is ${text.length} characters long; at most ${MAX_PROMPT_LENGTH} are accepted`);
+    }
     const out: string[] = [];
     let rest = text;
     for (;;) {

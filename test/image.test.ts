@@ -4,13 +4,17 @@
  * - pil_goldens.safetensors: Pillow `img.resize((32, 32)).convert('RGB')` of the small generated sources.
  */
 import test from 'ava';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { createServer } from 'node:net';
+import { deflateSync } from 'node:zlib';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { loadImage, pilResize, preprocessImage, toRGB, MAX_IMAGE_SIZE } from '../lib/image.js';
+import { loadImage, pilResize, preprocessImage, toRGB, MAX_IMAGE_SIZE, INLINE_PIXELS } from '../lib/image.js';
 import { SafetensorsFile } from '../lib/io/safetensors.js';
-import { FileNotFoundError, ImageDecodeError, InvalidArgumentError } from '../lib/errors.js';
+import { AbortError, FileAccessError, FileNotFoundError, ImageDecodeError, InvalidArgumentError, LimitExceededError } from '../lib/errors.js';
 
 const RES = join(import.meta.dirname, 'fixtures', 'resize');
 const IMAGES = join(import.meta.dirname, 'fixtures', 'images');
@@ -285,7 +289,8 @@ test('bad input gives clear typed errors, never a crash', async (t) => {
   t.regex((await t.throwsAsync(loadImage(join(dir, 'half.jpg'), 64)))!.message, /cannot decode image \((.*premature end|Unknown error)/i);
   t.regex((await t.throwsAsync(loadImage(join(dir, 'half.png'), 64)))!.message, /cannot decode image/);
 
-  const ed = await t.throwsAsync(loadImage(dir, 64), { instanceOf: ImageDecodeError });
+  const ed = await t.throwsAsync(loadImage(dir, 64), { instanceOf: FileAccessError });
+  t.is(ed?.code, 'E_FILE_ACCESS');
   t.regex(ed!.message, /is a directory/);
 
   for (const size of [0, -1, 1.5, NaN, Infinity, MAX_IMAGE_SIZE + 1, '128' as unknown as number]) {
@@ -297,4 +302,136 @@ test('bad input gives clear typed errors, never a crash', async (t) => {
   await t.throwsAsync(loadImage(42 as never, 8), { instanceOf: InvalidArgumentError, message: /file path or a Buffer/ });
   // a valid image still loads after all that
   t.is((await loadImage(join(RES, 'l.png'), 8)).data.length, 8 * 8 * 3);
+});
+
+const CRC_TABLE = Int32Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c;
+});
+function crc32(b: Uint8Array): number {
+  let c = -1;
+  for (const x of b) c = CRC_TABLE[(c ^ x) & 0xff]! ^ (c >>> 8);
+  return (c ^ -1) >>> 0;
+}
+/** A PNG signature + a valid IHDR chunk declaring width×height RGB (no pixel data): a header-only "bomb". */
+export function pngWithHeader(width: number, height: number): Buffer {
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr.set([8, 2, 0, 0, 0], 8);
+  const body = Buffer.concat([Buffer.from('IHDR'), ihdr]);
+  const crc = Buffer.alloc(4);
+  crc.writeUInt32BE(crc32(body));
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(13);
+  const chunk = (type: string, data: Buffer): Buffer => {
+    const b = Buffer.concat([Buffer.from(type), data]);
+    const l = Buffer.alloc(4);
+    l.writeUInt32BE(data.length);
+    const c = Buffer.alloc(4);
+    c.writeUInt32BE(crc32(b));
+    return Buffer.concat([l, b, c]);
+  };
+  return Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), len, body, crc, chunk('IDAT', deflateSync(Buffer.alloc(64))), chunk('IEND', Buffer.alloc(0))]);
+}
+
+test('special files are refused without blocking: FIFO, /dev/zero link, socket; EACCES is not "not found"', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'df-image-special-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const fifo = join(dir, 'fifo.png');
+  execFileSync('mkfifo', [fifo]);
+  const e1 = await t.throwsAsync(loadImage(fifo, 64), { instanceOf: FileAccessError });
+  t.regex(e1!.message, /FIFO/);
+  await symlink('/dev/zero', join(dir, 'zero.png'));
+  const e2 = await t.throwsAsync(loadImage(join(dir, 'zero.png'), 64), { instanceOf: FileAccessError });
+  t.regex(e2!.message, /character device/);
+  const sock = join(dir, 's.png');
+  const server = createServer().listen(sock);
+  await new Promise((r) => server.once('listening', r));
+  t.teardown(() => server.close());
+  await t.throwsAsync(loadImage(sock, 64), { code: 'E_FILE_ACCESS' } as never);
+  if (process.getuid?.() !== 0) {
+    const locked = join(dir, 'locked.png');
+    await writeFile(locked, await readFile(join(RES, 'l.png')));
+    await chmod(locked, 0);
+    const e3 = await t.throwsAsync(loadImage(locked, 64), { instanceOf: FileAccessError });
+    t.regex(e3!.message, /permission denied.*EACCES/);
+  }
+  await t.throwsAsync(loadImage(join(dir, 'a\0b.png'), 64), { instanceOf: InvalidArgumentError });
+  await t.throwsAsync(loadImage('', 64), { instanceOf: InvalidArgumentError });
+});
+
+test('byte and pixel limits are checked before decoding; the options are validated', async (t) => {
+  const png = await readFile(join(RES, 'orig_chelsea.png'));
+  const eb = await t.throwsAsync(loadImage(join(RES, 'orig_chelsea.png'), 64, { maxBytes: png.length - 1 }), { instanceOf: LimitExceededError });
+  t.regex(eb!.message, /over the limit of .*maxBytes/);
+  await t.throwsAsync(loadImage(png, 64, { maxBytes: 10, name: 'cat' }), { instanceOf: LimitExceededError, message: /^cat: / });
+  t.is((await loadImage(png, 64, { maxBytes: png.length })).size, 64);
+  // 451×300 = 135,300 pixels
+  const ep = await t.throwsAsync(loadImage(png, 64, { maxPixels: 135_299 }), { instanceOf: LimitExceededError });
+  t.regex(ep!.message, /451×300 = 135300 pixels, over the limit of 135299/);
+  t.is((await loadImage(png, 64, { maxPixels: 135_300 })).width, 451);
+  // a huge (but tiny to encode) PNG is refused by its header alone
+  const huge = pngWithHeader(20000, 20000);
+  t.is((await sharp(huge, { limitInputPixels: false }).metadata()).width, 20000);
+  const eh = await t.throwsAsync(loadImage(huge, 64, { name: 'bomb' }), { instanceOf: LimitExceededError });
+  t.regex(eh!.message, /^bomb: image is 20000×20000 = 400000000 pixels, over the limit of 268402689/);
+  for (const bad of [0, -1, 1.5, NaN, '1' as unknown as number]) {
+    await t.throwsAsync(loadImage(png, 64, { maxBytes: bad }), { instanceOf: InvalidArgumentError });
+    await t.throwsAsync(loadImage(png, 64, { maxPixels: bad }), { instanceOf: InvalidArgumentError });
+  }
+  await t.throwsAsync(loadImage(png, 64, { signal: {} as AbortSignal }), { instanceOf: InvalidArgumentError });
+  await t.throwsAsync(loadImage(png, 64, { offThread: 'yes' as never }), { instanceOf: InvalidArgumentError });
+});
+
+test('off-thread decoding gives the same bytes as on-thread, for every resampler and image kind', async (t) => {
+  for (const f of ['orig_chelsea.png', 'resize_src_mode_P.png', 'resize_src_mode_RGBA.png', 'orient6.jpg', 'l.png']) {
+    for (const resample of ['pil', 'sharp'] as const) {
+      const on = await loadImage(join(RES, f), 96, { resample, offThread: false });
+      const off = await loadImage(join(RES, f), 96, { resample, offThread: true });
+      t.is(firstDiff(on.data, off.data), '', `${f} ${resample}`);
+      t.deepEqual([off.width, off.height, off.name], [on.width, on.height, on.name]);
+    }
+  }
+  // the caller's buffer is not detached by the hand-over to the worker
+  const own = new Uint8Array(await readFile(join(RES, 'orig_chelsea.png')));
+  const n = own.length;
+  await loadImage(own, 64, { offThread: true });
+  t.is(own.length, n);
+  // errors come back typed from the worker too
+  await t.throwsAsync(loadImage(new TextEncoder().encode('nope'), 64, { offThread: true, name: 'x' }), { instanceOf: ImageDecodeError, message: /^x: cannot decode/ });
+});
+
+test.serial('a large image is resized off the event loop; abort stops it at once with an AbortError', async (t) => {
+  // 4096×4096 noise PNG (~16.7 Mpx): the PIL resize takes far over 100 ms on the JS thread
+  const big = await sharp(Buffer.from(Uint8Array.from({ length: 1024 * 1024 * 3 }, (_, i) => (i * 2654435761) >>> 24)), { raw: { width: 1024, height: 1024, channels: 3 } })
+    .resize(4096, 4096, { kernel: 'nearest' }).png({ compressionLevel: 1 }).toBuffer();
+  t.true(4096 * 4096 > INLINE_PIXELS);
+  const h = monitorEventLoopDelay({ resolution: 5 });
+  h.enable();
+  const t0 = performance.now();
+  const r = await loadImage(big, 512);
+  const took = performance.now() - t0;
+  await new Promise((r) => setTimeout(r, 50)); // a stall is only recorded at the next loop turn
+  h.disable();
+  t.is(r.data.length, 512 * 512 * 3);
+  const stallMs = h.max / 1e6;
+  t.log(`4096² → 512 off-thread: ${took.toFixed(0)} ms, longest event-loop stall ${stallMs.toFixed(1)} ms`);
+  // generous bound for a loaded 2-core CI machine (bench/eventloop.ts measures it properly): on the
+  // JS thread the resize alone would stall the loop for most of `took`
+  t.true(stallMs < Math.max(150, took / 3), `stall ${stallMs} ms of ${took} ms`);
+
+  const ac = new AbortController();
+  const p = loadImage(big, 512, { signal: ac.signal });
+  setTimeout(() => ac.abort(new Error('user cancelled')), 20);
+  const t1 = performance.now();
+  const e = await t.throwsAsync(p, { instanceOf: AbortError });
+  t.is(e!.name, 'AbortError');
+  t.is(e!.code, 'E_ABORTED');
+  t.is((e!.cause as Error).message, 'user cancelled');
+  t.true(performance.now() - t1 < took, 'abort did not wait for the resize');
+  // an already-aborted signal rejects before any work; the pool still serves afterwards
+  await t.throwsAsync(loadImage(big, 512, { signal: AbortSignal.abort() }), { instanceOf: AbortError });
+  t.is((await loadImage(join(RES, 'orig_chelsea.png'), 64, { offThread: true })).size, 64);
 });

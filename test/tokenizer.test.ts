@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ClipTokenizer, basicClean, isLongPrompt } from '../lib/tokenizer.js';
+import { ClipTokenizer, MAX_PROMPT_LENGTH, basicClean, isLongPrompt } from '../lib/tokenizer.js';
 
 const ROOT = join(import.meta.dirname, '..');
 // The bundled micro export's tokenizer files (the real CLIP ViT-L/14 vocabulary and merges).
@@ -107,4 +107,36 @@ test('missing or malformed tokenizer files give clear errors', async (t) => {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test('prompt length is bounded with a typed error; non-strings are E_INVALID_ARGUMENT', (t) => {
+  const e = t.throws(() => tok.encode('a'.repeat(MAX_PROMPT_LENGTH + 1)));
+  t.is((e as { code?: string }).code, 'E_LIMIT_EXCEEDED');
+  t.regex(e!.message, new RegExp(`${MAX_PROMPT_LENGTH + 1} characters long; at most ${MAX_PROMPT_LENGTH}`));
+  t.is(tok.encode('a '.repeat(MAX_PROMPT_LENGTH / 2)).length, 77);
+  for (const bad of [null, undefined, 42, {}, ['a']]) {
+    const eb = t.throws(() => tok.encode(bad as never));
+    t.is((eb as { code?: string }).code, 'E_INVALID_ARGUMENT');
+  }
+});
+
+test('long words: the heap BPE equals the round-by-round BPE, and stays fast', (t) => {
+  const impl = tok as unknown as { bpeRounds(s: string[]): string[]; bpeHeap(s: string[]): string[] };
+  let seed = 7;
+  const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) >>> 0) % n);
+  const alphabets = ['ab', 'abc', 'etaoinshrdlu', 'abcdefghijklmnopqrstuvwxyz', '!.,?', 'ééèa'];
+  for (let k = 0; k < 300; k++) {
+    const alpha = alphabets[k % alphabets.length]!;
+    const n = 1 + rnd(k < 200 ? 40 : 300);
+    const word = Array.from({ length: n }, () => alpha[rnd(alpha.length)]!).join('');
+    const syms = [...new TextEncoder().encode(word)].map((b) => String.fromCodePoint(b < 128 && b > 32 ? b : 256 + b));
+    syms[syms.length - 1] += '</w>';
+    t.deepEqual(impl.bpeHeap(syms), impl.bpeRounds(syms), word);
+  }
+  // a 9,000-letter word: the plain rounds take seconds, the heap version milliseconds
+  const long = Array.from({ length: 9000 }, () => 'abcdefghijklmnopqrstuvwxyz'[rnd(26)]).join('');
+  const t0 = performance.now();
+  const ids = tok.encode(long, { truncate: false, pad: false });
+  t.log(`9,000-letter word: ${ids.length} ids in ${(performance.now() - t0).toFixed(0)} ms`);
+  t.true(ids.length > 1000);
 });
