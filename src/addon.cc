@@ -15,6 +15,7 @@
 #include "errors.h"
 #include "module.h"
 #include "tensor.h"
+#include "train.h"
 #include "workers.h"
 
 // The libtorch version compiled against ("1.13.0", "2.11.0").
@@ -158,6 +159,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuCache", Napi::Function::New(env, CpuCache, "cpuCache"));
   exports.Set("emptyCpuCache", Napi::Function::New(env, EmptyCpuCacheJs, "emptyCpuCache"));
   exports.Set("setCpuCacheLimit", Napi::Function::New(env, SetCpuCacheLimitJs, "setCpuCacheLimit"));
+  InitTrain(env, exports);  // RawHead, loadHead, stackHeads (src/train.cc)
   return exports;
 }
 
