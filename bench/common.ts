@@ -38,14 +38,14 @@ const FULL_FILES = ['model.json', 'unet.pt', 'vae_encoder.pt', 'text_encoder.pt'
 
 /**
  * A full-size SD1.5 export with random weights, all components (UNet, VAE, text encoder, ControlNet):
- * `$DF_BENCH_SD15`, default bench/.out/sd15-random, built once with `weights/bench_export.py --out DIR`
+ * `$DF_BENCH_SD15`, default bench/.out/sd15-random, built once with `bench/py/export_sd15_random.py --out DIR`
  * (float32, ≈ 5.7 GB, several minutes) when a file is missing.
  */
 export async function fullSizeDir(): Promise<string> {
   const dir = process.env.DF_BENCH_SD15 ?? join(OUT, 'sd15-random');
   if (FULL_FILES.some((f) => !existsSync(join(dir, f)))) {
     mkdirSync(OUT, { recursive: true });
-    await run(python(), [join(ROOT, 'weights', 'bench_export.py'), '--out', dir, '--src', join(OUT, 'sd15-src')], {
+    await run(python(), [join(ROOT, 'bench', 'py', 'export_sd15_random.py'), '--out', dir, '--src', join(OUT, 'sd15-src')], {
       cwd: ROOT,
       maxBuffer: 64 << 20,
       timeout: 60 * 60_000,

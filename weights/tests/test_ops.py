@@ -1,4 +1,4 @@
-"""weights/ops.py (models/ops.pt): scheduler, latent prep, packaging, LoRA merge and analysis helpers, against
+"""weights/ops/ (models/ops.pt): scheduler, latent prep, packaging, LoRA merge and analysis helpers, against
 the reference goldens (diffusers PNDMScheduler etc.) and against independent numpy computations."""
 import json
 import os
@@ -37,12 +37,12 @@ def rel(a, b):
 
 class TestCommittedOpsPt(unittest.TestCase):
     def test_ops_pt_up_to_date(self):
-        """models/ops.pt must be the scripted current weights/ops.py (run `python3 weights/ops.py --out models/ops.pt`)."""
+        """models/ops.pt must be the scripted current weights/ops/ (run `python3 -m weights.ops --out models/ops.pt`)."""
         self.assertTrue(os.path.exists(OPS_PT), "models/ops.pt missing")
         extra = {"ops_source_sha256": "", "torch_version": ""}
         loaded = torch.jit.load(OPS_PT, _extra_files=extra)
         self.assertEqual(extra["ops_source_sha256"].decode(), source_sha256(),
-                         "models/ops.pt is stale: re-run python3 weights/ops.py --out models/ops.pt")
+                         "models/ops.pt is stale: re-run python3 -m weights.ops --out models/ops.pt")
         fresh = ops()
         for name in METHODS:
             self.assertTrue(hasattr(loaded, name), name)

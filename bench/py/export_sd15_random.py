@@ -5,7 +5,7 @@ Builds a random-weight SD1.5 (the real configs in weights/configs/sd15: UNet, VA
 ControlNet) as a diffusers-layout folder with float16 safetensors, exports it with weights/export.py in a
 child process and prints the export's wall time and peak resident memory (getrusage of the child).
 
-    python3 weights/bench_export.py [--src /tmp/sd15-src] [--out /tmp/sd15-export] [--dtype float32]
+    python3 bench/py/export_sd15_random.py [--src /tmp/sd15-src] [--out /tmp/sd15-export] [--dtype float32]
                                     [--components unet,vae,text_encoder,controlnet] [--verify] [--keep-src]
 
 The exported folder is left in place (for loading tests through the addon); the source folder is removed
@@ -21,15 +21,14 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+sys.path.insert(0, ROOT)
 
 import torch
 
 from weights.export import ALL_COMPONENTS, SD15_CONFIGS, SD15_SCHEDULER, fast_init
 from weights.st import save
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "controlnet": "ControlNetModel"}
 FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
         "controlnet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}

@@ -1,6 +1,6 @@
 """Times models/ops.pt canny against cv2.Canny at 512×512 (and checks that both give the same edges).
 
-    /usr/bin/python3 weights/bench_canny.py [--iters 20] [--threads 2] [--device cpu|cuda] [--batch 1] [--ops models/ops.pt]
+    /usr/bin/python3 bench/py/canny_ops_vs_cv2.py [--iters 20] [--threads 2] [--device cpu|cuda] [--batch 1] [--ops models/ops.pt]
 """
 import argparse
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def timed(fn, iters, sync):
