@@ -462,6 +462,7 @@ program
   });
 
 (await import('./cli/queue.js')).registerQueueCommands(program); // worker, enqueue, queue-status (issue 13)
+(await import('./cli/serve.js')).registerServeCommand(program); // serve (issue 13)
 program.parseAsync(process.argv).catch((err: unknown) => {
   console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
   process.exitCode = process.exitCode && process.exitCode !== 0 ? process.exitCode : 1;

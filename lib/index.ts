@@ -135,3 +135,6 @@ export {
   isDiffusionFeaturesError,
   type ErrorCode,
 } from './errors.js';
+
+// ---- scale-out (BullMQ workers, enqueue, the HTTP service): loaded on the first call of scale()
+export * from './scale-loader.js';
