@@ -1,5 +1,5 @@
 /**
- * The Horse-21 recipe (GATE_SPEC §7.2: four legacy+attn variants — fine-grained prompt, ControlNet canny
+ * The Horse-21 recipe (docs/method.md §Recipes: four legacy+attn variants — fine-grained prompt, ControlNet canny
  * multi-step 60→50 (12 UNet + ControlNet forwards), LoRA a1, LoRA b1), full-size SD1.5 architecture with
  * random weights, CPU float32.
  *

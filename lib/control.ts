@@ -1,5 +1,5 @@
 /**
- * ControlNet control images (GATE_SPEC §5.1): the canny edge map the ControlNet sees, computed as the
+ * ControlNet control images (docs/method.md §ControlNet): the canny edge map the ControlNet sees, computed as the
  * reference does — image resized to `size × size` (PIL bicubic), then OpenCV's multi-channel
  * `Canny(rgb, 100, 200)` (`ops.canny`, integer-exact), 0/255.
  *

@@ -1,6 +1,6 @@
 /**
  * Image loading: decode (sharp), EXIF orientation, resize to `size`×`size` and convert to RGB exactly
- * as the reference does (GATE_SPEC §1.2: PIL `img.resize((size, size))` with its default filter
+ * as the reference does (docs/method.md §Images: PIL `img.resize((size, size))` with its default filter
  * *before* `.convert('RGB')`, no crop).
  *
  * Two resamplers:

@@ -1,7 +1,7 @@
 /**
  * CLIP BPE tokenizer reproducing Hugging Face `CLIPTokenizer` (transformers 4.38, slow/Python
  * implementation, **ftfy not installed**) id for id, plus generic-diffusion-feature's long-prompt
- * chunking (GATE_SPEC §2).
+ * chunking (docs/method.md §Prompts).
  *
  * Pipeline (as HF does it):
  * 1. split the text on the literal special tokens `<|startoftext|>` / `<|endoftext|>` (case-sensitive);
@@ -383,7 +383,7 @@ export class ClipTokenizer {
   }
 
   /**
-   * Exactly the id sequences generic-diffusion-feature feeds the text encoder (GATE_SPEC §2): one
+   * Exactly the id sequences generic-diffusion-feature feeds the text encoder (docs/method.md §Prompts): one
    * padded/truncated 77-id sequence for prompts of ≤ 70 space-separated words; otherwise the
    * untruncated, unpadded ids split into consecutive chunks of 77 (only the first has BOS, only the
    * last has EOS, the last may be shorter).

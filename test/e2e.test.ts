@@ -1,5 +1,5 @@
 /**
- * End-to-end parity with the reference pipeline (diffusers + transformers, GATE_SPEC §1–§5): image
+ * End-to-end parity with the reference pipeline (diffusers + transformers, docs/method.md): image
  * files + the reference's noise + prompt → features, for the bundled micro model, through the API and
  * through the CLI. Fixtures: test/fixtures/micro/e2e (trimmed copies of reference/micro/e2e).
  */

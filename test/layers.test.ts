@@ -23,7 +23,7 @@ test('canonical id list matches the reference (197 ids, forward order)', (t) => 
   t.is(new Set(LAYER_IDS).size, 197);
 });
 
-test('presets match the reference and GATE_SPEC §3.4', (t) => {
+test('presets match the reference and docs/method.md §Layers', (t) => {
   t.deepEqual([...PRESETS.legacy], golden.presets.legacy);
   t.deepEqual([...PRESETS.practical], golden.presets.practical);
   t.deepEqual([...PRESETS.amalgamation], [

@@ -1,5 +1,5 @@
 /**
- * GATE recipes (GATE_SPEC §7): every variant computed with shared work must equal the same variant
+ * GATE recipes (docs/method.md §Recipes): every variant computed with shared work must equal the same variant
  * extracted on its own; amalgamation layout; LoRA slots; the CLI.
  */
 import test from 'ava';

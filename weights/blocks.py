@@ -4,7 +4,7 @@ Parameter names and shapes follow diffusers 0.27 exactly (ResnetBlock2D, Transfo
 BasicTransformerBlock, Attention, FeedForward/GEGLU, Downsample2D, Upsample2D, the down/mid/up blocks),
 so a diffusers state dict loads with strict=True.
 
-Feature taps (GATE_SPEC section 3.2): every module that has taps gets the full layer ids it may record
+Feature taps (docs/method.md §Layers): every module that has taps gets the full layer ids it may record
 at construction time (`key_*` string attributes, "" = never recorded). forward() receives
 `want: Dict[str, bool]` (the validated capture set) and `feats: Dict[str, Tensor]` (the output dict,
 filled in forward order); a tap is recorded only when its id is in `want`. Token tensors (B, n, C) are

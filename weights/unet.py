@@ -7,7 +7,7 @@
     d = s(sample, timestep, ehs, ["up-level1-repeat1-vit-block0-cross-q"], None, None)
     d["out"]  # predicted noise; d[id] = (B, C, h, w) or (B, heads, n_q, n_k) for '-map' ids
 
-Layer ids (GATE_SPEC section 3.2) are validated at the start of forward: an unknown id raises
+Layer ids (docs/method.md §Layers) are validated at the start of forward: an unknown id raises
 "unknown layer id: <id>"; `*-cross-k` / `*-cross-v` raise "layer id is not spatial ... : <id>" (GDF
 legally names them in configs but always discards them; we refuse rather than silently return nothing).
 The returned dict holds the requested ids in forward order, then 'out'.

@@ -31,7 +31,7 @@ export interface CorrespondenceOptions {
 }
 
 /**
- * Nearest-neighbour correspondence (GATE_SPEC §8.1): source keypoints (x, y in source pixels) →
+ * Nearest-neighbour correspondence (docs/method.md §Correspondence): source keypoints (x, y in source pixels) →
  * predicted target points (x, y in target pixels). Features are bilinearly upsampled to the load size,
  * compared by cosine similarity against every target pixel, hard argmax.
  */
@@ -157,7 +157,7 @@ export interface PairResult {
   pck_bbox: number | null;
 }
 
-/** Result of {@link correspondenceFiles}: PCK over all keypoints of all pairs (§8.1 step 7). */
+/** Result of {@link correspondenceFiles}: PCK over all keypoints of all pairs (docs/method.md §Correspondence). */
 export interface CorrespondenceResult {
   pck_img: number;
   pck_bbox: number | null;
@@ -207,7 +207,7 @@ async function imageSize(image: string, dirs: string[]): Promise<[number, number
 }
 
 /**
- * Nearest-neighbour correspondence and PCK@α over SPair-71k-style pair JSON files (GATE_SPEC §8.1),
+ * Nearest-neighbour correspondence and PCK@α over SPair-71k-style pair JSON files (docs/method.md §Correspondence),
  * with features read from `featuresDir/<image>.safetensors` (as `extract` writes them; `.npy` too).
  */
 export async function correspondenceFiles(featuresDir: string, pairJsonFiles: readonly string[], opts: CorrespondenceFilesOptions = {}): Promise<CorrespondenceResult> {

@@ -9,7 +9,7 @@ import { check3d, sameShape, toFeatureArray, withTensors, type FeatureArray, typ
 import { isSpatial, readFeatureFile } from './feature-file.js';
 
 
-/** m(F) of GATE_SPEC §7.4: per-channel 4-neighbour Laplacian (replicate padding), L2 norm over channels → H×W. */
+/** m(F) of docs/method.md §GATE score: per-channel 4-neighbour Laplacian (replicate padding), L2 norm over channels → H×W. */
 export async function laplacianMap(feature: FeatureInput, device: Device = 'cpu'): Promise<FeatureArray> {
   check3d(feature, 'laplacianMap');
   return withTensors(device, [feature], (ops, [t]) => toFeatureArray(ops.laplacianMap(t!)));
@@ -39,7 +39,7 @@ export interface GateScore {
 }
 
 /**
- * GATE's content-shift score (GATE_SPEC §7.4) of `features` against the t=0 `reference` feature,
+ * GATE's content-shift score (docs/method.md §GATE score) of `features` against the t=0 `reference` feature,
  * relative to `anchor` (e.g. the feature without the technique). All C×H×W of one shape.
  */
 export async function gateScore(reference: FeatureInput, anchor: FeatureInput, features: readonly FeatureInput[], device: Device = 'cpu'): Promise<GateScore> {

@@ -31,7 +31,7 @@ export interface VisualizeOptions {
 }
 
 /**
- * PCA of a C×H×W feature to RGB (GATE_SPEC §9): 3 components fitted on the image's own pixels,
+ * PCA of a C×H×W feature to RGB (docs/method.md §Visualisation): 3 components fitted on the image's own pixels,
  * per-component min–max to [0, 255] (truncated), nearest-resized so the short side is 512.
  */
 export async function visualize(feature: FeatureInput, opts: VisualizeOptions = {}): Promise<RawImage> {

@@ -52,7 +52,7 @@ class UNetGoldens(unittest.TestCase):
         self.assertEqual(bad, {}, "worst: " + worst(errs))
         self.assertEqual(len(self.golden_ids), 187)
         # the 10 maps of the 64-token layers are not in the compact goldens: recompute them from the
-        # reference q/k taps (self) and the reference q with to_k of the text (cross), per GATE_SPEC 4.1
+        # reference q/k taps (self) and the reference q with to_k of the text (cross), per docs/method.md §Attention
         missing = [k for k in self.ids if k not in self.g]
         self.assertEqual(len(missing), 10, missing)
         ehs = self.inputs[2]
