@@ -9,7 +9,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { FileNotFoundError, InvalidArgumentError, InvalidFileError } from '../errors.js';
-import { float16BitsToFloat32, float32ToFloat16Bits } from './safetensors.js';
+import { float16BitsToFloat32, float32ToFloat16Bits } from './half.js';
 import { writeFileAtomic } from './atomic.js';
 
 /** Element types supported by the `.npy` writer. */
