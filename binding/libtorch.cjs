@@ -16,6 +16,9 @@
  * libtorch_cpu library found), so a changed, added or removed install is noticed and the Python asked again.
  * Versions come from files: the Python package's version.py, a libtorch zip's build-version, the
  * installed headers' version.h, or the library's versioned file name (Debian: libtorch_cpu.so.1.13.0).
+ *
+ * Environment: DIFFUSION_FEATURES_CACHE_DIR (where answers are cached; default $XDG_CACHE_HOME or
+ * ~/.cache, /diffusion-features), DIFFUSION_FEATURES_NO_PYTHON=1 (skip step 3: never start a Python).
  */
 const fs = require('node:fs');
 const os = require('node:os');

@@ -5,6 +5,7 @@
  */
 import { Command, Option, InvalidArgumentError as CliArgError } from 'commander';
 import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
 import { existsSync, mkdirSync } from 'node:fs';
 import { rename, rm, mkdtemp } from 'node:fs/promises';
 import { join, basename, extname, resolve, dirname } from 'node:path';
@@ -26,6 +27,7 @@ const program = new Command();
 program
   .name('diffusion-features')
   .description('Diffusion features (Stable Diffusion 1.5) and GATE for Node.js')
+  .version((createRequire(import.meta.url)('../package.json') as { version: string }).version, '-V, --version')
   .showHelpAfterError();
 
 function intArg(name: string) {
@@ -463,6 +465,7 @@ program
 
 (await import('./cli/queue.js')).registerQueueCommands(program); // worker, enqueue, queue-status (issue 13)
 (await import('./cli/serve.js')).registerServeCommand(program); // serve (issue 13)
+(await import('./cli/export.js')).registerExportCommand(program); // export: runs weights/export.py (issue 12)
 program.parseAsync(process.argv).catch((err: unknown) => {
   console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
   process.exitCode = process.exitCode && process.exitCode !== 0 ? process.exitCode : 1;

@@ -10,7 +10,8 @@
  * @module
  */
 import { resolve } from 'node:path';
-import { Tensor, ScriptModule, cudaAvailable, resolveDevice, type Device, type DType } from '../native.js';
+import { Tensor, ScriptModule, cudaAvailable, resolveDevice, libtorchVersion, type Device, type DType } from '../native.js';
+import { checkModelCompat } from '../compat.js';
 import { ClipTokenizer } from '../tokenizer.js';
 import { loadImage } from '../image.js';
 import { InvalidArgumentError } from '../errors.js';
@@ -35,6 +36,7 @@ export async function loadPipeline(weightsDir: string, options: LoadOptions = {}
   const dir = resolve(weightsDir);
   const model = readModelJson(dir);
   checkWeightsFolder(dir);
+  checkModelCompat(model, libtorchVersion(), dir); // E_INCOMPATIBLE_MODEL: e.g. a torch 2.x export on libtorch 1.13
   const device = resolveDevice(options.device ?? 'auto') as Device;
   const isCuda = device.startsWith('cuda');
   const dtypeOpt = options.dtype ?? 'auto';
