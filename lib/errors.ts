@@ -183,6 +183,17 @@ export class AbortError extends DiffusionFeaturesError {
   }
 }
 
+/** A pipeline, tensor, module or head was used after `dispose()`. */
+export class DisposedError extends DiffusionFeaturesError {
+  /**
+   * @param message what was used (e.g. `pipeline has been disposed`)
+   * @param options standard `ErrorOptions`
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super('E_DISPOSED', message, options);
+  }
+}
+
 /** A file exists but cannot be used: permission denied, or not a regular file (FIFO, device, socket, folder). */
 export class FileAccessError extends DiffusionFeaturesError {
   /** Path of the file. */

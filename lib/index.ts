@@ -131,6 +131,7 @@ export {
   WriteError,
   IncompatibleModelError,
   AbortError,
+  DisposedError,
   LimitExceededError,
   isDiffusionFeaturesError,
   type ErrorCode,
