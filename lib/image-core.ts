@@ -2,7 +2,8 @@
  * The CPU-heavy part of image loading — decode with sharp, Pillow-exact resize, conversion to RGB —
  * written as ONE self-contained factory, {@link imageCore}, so that the same code runs on the main
  * thread (small images, `offThread: false`) and inside the image worker threads of lib/image.ts,
- * which evaluate `(${imageCore})(require('sharp'), abortFlag)`. Nothing in the factory may refer to
+ * which evaluate `(${imageCore})(null, abortFlag)` and only resize (sharp stays on the main thread:
+ * libvips in a worker thread of a process that has also loaded libtorch prints GLib criticals). Nothing in the factory may refer to
  * anything outside it (no imports, no module constants); errors are plain `Error`s with a `kind`
  * (`'decode' | 'limit' | 'channels' | 'aborted' | 'argument'`) that lib/image.ts maps to typed errors.
  *
@@ -29,14 +30,31 @@ export interface DecodedImage {
 export interface ImageCore {
   pilResize(data: Uint8Array, width: number, height: number, channels: number, outW: number, outH: number, nearest?: boolean): Uint8Array;
   toRGB(data: Uint8Array, channels: number): Uint8Array;
+  decodeRaw(bytes: Uint8Array, size: number, resample: ResampleMode, maxPixels: number): Promise<RawImage>;
+  finish(raw: RawImage, size: number): DecodedImage;
   decodeResize(bytes: Uint8Array, size: number, resample: ResampleMode, maxPixels: number): Promise<DecodedImage>;
+}
+
+/** Decoded pixels before the reference's resize. */
+export interface RawImage {
+  /** Interleaved 8-bit pixels, `width × height × channels`. */
+  pixels: Uint8Array;
+  width: number;
+  height: number;
+  /** 1 = L, 2 = LA, 3 = RGB, 4 = RGBA. */
+  channels: number;
+  /** Source size after EXIF orientation. */
+  srcW: number;
+  srcH: number;
+  /** Palette / 1-bit source: PIL resizes those with NEAREST. */
+  nearest: boolean;
 }
 
 /**
  * Builds the image functions over a sharp module. `abort` (optional) is a shared flag: when its first
  * element becomes non-zero, a running resize stops with an error of kind `'aborted'`.
  */
-export function imageCore(sharp: typeof sharpType, abort?: Int32Array): ImageCore {
+export function imageCore(sharp: typeof sharpType | null, abort?: Int32Array): ImageCore {
   function tagged(kind: string, message: string, cause?: unknown): Error {
     const e = new Error(message, cause === undefined ? undefined : { cause }) as Error & { kind: string };
     e.kind = kind;
@@ -241,48 +259,54 @@ export function imageCore(sharp: typeof sharpType, abort?: Int32Array): ImageCor
   }
 
   /**
-   * Decode `bytes` (any format sharp reads, EXIF orientation applied, ICC ignored) and resize to
-   * `size`×`size` RGB as the reference does. Refuses images with more than `maxPixels` source pixels
-   * before decoding them.
+   * Decode `bytes` (any format sharp reads, EXIF orientation applied, ICC ignored) to 8-bit pixels
+   * (resized by libvips only in `'sharp'` mode for reductions). Refuses images with more than
+   * `maxPixels` source pixels before decoding them. Needs the sharp module (main thread only).
    */
-  async function decodeResize(bytes: Uint8Array, size: number, resample: ResampleMode, maxPixels: number): Promise<DecodedImage> {
-    const make = () => sharp(bytes, { failOn: 'error', autoOrient: true, ignoreIcc: true, limitInputPixels: maxPixels > 0 ? maxPixels : false });
-    let pixels: { data: Uint8Array; width: number; height: number; channels: number };
-    let srcW: number;
-    let srcH: number;
-    let nearest: boolean;
-    let meta: Awaited<ReturnType<ReturnType<typeof make>['metadata']>>;
+  async function decodeRaw(bytes: Uint8Array, size: number, resample: ResampleMode, maxPixels: number): Promise<RawImage> {
+    if (!sharp) throw tagged('decode', 'internal: no sharp module in this thread');
+    let meta: Awaited<ReturnType<ReturnType<typeof sharp>['metadata']>>;
     try {
       meta = await sharp(bytes, { limitInputPixels: false }).metadata();
     } catch (e) {
       throw tagged('decode', `cannot decode image (${String((e as Error).message).split('\n')[0]})`, e);
     }
-    srcW = meta.autoOrient?.width ?? meta.width;
-    srcH = meta.autoOrient?.height ?? meta.height;
+    const srcW = meta.autoOrient?.width ?? meta.width;
+    const srcH = meta.autoOrient?.height ?? meta.height;
     if (!(srcW > 0 && srcH > 0)) throw tagged('decode', 'cannot decode image (no dimensions)');
     if (maxPixels > 0 && srcW * srcH > maxPixels) {
       throw tagged('limit', `image is ${srcW}×${srcH} = ${srcW * srcH} pixels, over the limit of ${maxPixels}`);
     }
     checkAbort();
-    nearest = meta.isPalette === true || (meta.bitsPerSample === 1 && (meta.channels ?? 0) <= 2);
+    const nearest = meta.isPalette === true || (meta.bitsPerSample === 1 && (meta.channels ?? 0) <= 2);
     try {
       // sharp mode resizes in libvips, except palette/1-bit images (NEAREST, done here), exact-size
       // inputs (pass through untouched as in PIL) and enlargements (libvips's upsampler is far from
       // PIL's: up to ~50 levels off on a 128 → 200 photo; the PIL port does those)
-      let pipeline = make();
+      let pipeline = sharp(bytes, { failOn: 'error', autoOrient: true, ignoreIcc: true, limitInputPixels: maxPixels > 0 ? maxPixels : false });
       const reduce = srcW >= size && srcH >= size && (srcW !== size || srcH !== size);
       if (resample === 'sharp' && !nearest && reduce) pipeline = pipeline.resize(size, size, { fit: 'fill', kernel: 'cubic' });
       const { data, info } = await pipeline.raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
-      pixels = { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: info.width, height: info.height, channels: info.channels };
+      const pixels = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+      if (info.channels < 1 || info.channels > 4) throw tagged('channels', `unsupported channel count ${info.channels}`);
+      return { pixels, width: info.width, height: info.height, channels: info.channels, srcW, srcH, nearest };
     } catch (e) {
+      if ((e as { kind?: string }).kind) throw e;
       throw tagged('decode', `cannot decode image (${String((e as Error).message).split('\n')[0]})`, e);
     }
-    checkAbort();
-    const { width, height, channels } = pixels;
-    if (channels < 1 || channels > 4) throw tagged('channels', `unsupported channel count ${channels}`);
-    const resized = pilResize(pixels.data, width, height, channels, size, size, nearest);
-    return { data: toRGB(resized, channels), width: srcW, height: srcH };
   }
 
-  return { pilResize, toRGB, decodeResize };
+  /** The reference's resize of decoded pixels to `size`×`size` RGB (pure JS; runs in any thread). */
+  function finish(raw: RawImage, size: number): DecodedImage {
+    checkAbort();
+    const resized = pilResize(raw.pixels, raw.width, raw.height, raw.channels, size, size, raw.nearest);
+    return { data: toRGB(resized, raw.channels), width: raw.srcW, height: raw.srcH };
+  }
+
+  /** {@link decodeRaw} then {@link finish}, on this thread. */
+  async function decodeResize(bytes: Uint8Array, size: number, resample: ResampleMode, maxPixels: number): Promise<DecodedImage> {
+    return finish(await decodeRaw(bytes, size, resample, maxPixels), size);
+  }
+
+  return { pilResize, toRGB, decodeRaw, finish, decodeResize };
 }

@@ -1,10 +1,10 @@
 /**
- * Layer ids, presets and layer configurations (GATE_SPEC §3), in generic-diffusion-feature's naming,
+ * Layer ids, presets and layer configurations (docs/method.md §Layers), in generic-diffusion-feature's naming,
  * so existing layer-config JSON files work unchanged.
  *
  * An id names one tap of the UNet forward (`up-level1-repeat1-vit-block0-cross-q`, `unet-out`, …).
  * The canonical SD1.5 list ({@link LAYER_IDS}, 197 ids in forward order) is generated from the
- * grammar of §3.2; a layer spec is a preset name, a layer-config JSON file (`{"id": true, …}`), a
+ * grammar of docs/method.md §Layers; a layer spec is a preset name, a layer-config JSON file (`{"id": true, …}`), a
  * comma-separated id list or an array of ids. Pure TypeScript: nothing here loads the native addon.
  *
  * @module
@@ -12,7 +12,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import { UnknownLayerError } from './errors.js';
 
-/** Attention-map categories of the aggregated attention feature (GATE_SPEC §4.2). GATE uses `up_cross`. */
+/** Attention-map categories of the aggregated attention feature (docs/method.md §Attention). GATE uses `up_cross`. */
 export type AttentionCategory = 'down_cross' | 'mid_cross' | 'up_cross' | 'down_self' | 'mid_self' | 'up_self';
 
 /** Every attention category, in the reference's order. */
@@ -46,7 +46,7 @@ export interface UNetLayout {
   midAttention: boolean;
 }
 
-/** SD1.5's UNet layout (GATE_SPEC §3.1). */
+/** SD1.5's UNet layout (docs/method.md §Layers). */
 export const SD15_LAYOUT: UNetLayout = Object.freeze({
   down: [
     { repeats: 2, attention: true, downsampler: true },
@@ -96,7 +96,7 @@ export function generateLayerIds(layout: UNetLayout = SD15_LAYOUT): string[] {
   return ids;
 }
 
-/** The 197 SD1.5 tap ids (GATE_SPEC §3.2, `config_15_full.json`) in forward order. */
+/** The 197 SD1.5 tap ids (docs/method.md §Layers, `config_15_full.json`) in forward order. */
 export const LAYER_IDS: readonly string[] = Object.freeze(generateLayerIds());
 
 /** `vae-out`: legal in the reference (decoded one-step prediction), recorded after every UNet tap. */
@@ -130,7 +130,7 @@ const AMALGAMATION = [
   'up-level3-repeat0-vit-block0-self-k',
 ];
 
-/** The shipped presets (GATE_SPEC §3.4), each in forward order. */
+/** The shipped presets (docs/method.md §Layers), each in forward order. */
 export const PRESETS: Readonly<Record<PresetName, readonly string[]>> = Object.freeze({
   legacy: Object.freeze(LEGACY),
   practical: Object.freeze(PRACTICAL),
@@ -194,13 +194,17 @@ export function suggestLayerId(id: string): string | undefined {
 }
 
 function unknownError(unknown: string[], where: string): UnknownLayerError {
-  const parts = unknown.map((id) => {
+  // bounded: at most 5 ids are named, each only if it looks like an id (≤ 64 plain characters)
+  const shown = unknown.slice(0, 5).filter((id) => /^[\w.:-]{1,64}$/.test(id));
+  const more = unknown.length - shown.length;
+  const parts = shown.map((id) => {
     const s = suggestLayerId(id);
     return s ? `'${id}' (did you mean '${s}'?)` : `'${id}'`;
   });
+  if (more > 0) parts.push(`${more} ${shown.length ? 'more' : 'unprintable or long'} id${more > 1 ? 's' : ''}`);
   return new UnknownLayerError(
     `unknown layer id${unknown.length > 1 ? 's' : ''} ${parts.join(', ')}${where}; legal ids: the ${LAYER_IDS.length} SD1.5 ids (see \`diffusion-features layers\`), presets: ${Object.keys(PRESETS).join(', ')}`,
-    unknown,
+    unknown.slice(0, 100),
   );
 }
 
@@ -238,11 +242,24 @@ export function parseLayerConfig(config: unknown, source = '<layer config>'): La
   if (entries.length === 0) return { ids: [...LAYER_IDS], attention: false, source };
   const bad = entries.filter(([, v]) => typeof v !== 'boolean');
   if (bad.length) {
-    throw new UnknownLayerError(`${source}: layer config values must be true or false (${bad.slice(0, 3).map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(', ')})`);
+    // name the keys (short), never echo the values: a config file's content is not repeated back
+    throw new UnknownLayerError(`${source}: layer config values must be true or false (${bad.length} are not${isLayerId(bad[0]![0]) ? `, e.g. ${bad[0]![0]}` : ''})`);
   }
   const unknown = entries.map(([k]) => k).filter((k) => k !== 'attn' && !isLayerId(k) && !isIgnoredLayerId(k));
   if (unknown.length) throw unknownError(unknown, where);
   return checkIds(entries.filter(([, v]) => v === true).map(([k]) => k), where, source);
+}
+
+/** Largest accepted layer-config file (the full 197-id config is ~10 KB). */
+export const MAX_LAYER_CONFIG_BYTES = 1024 * 1024;
+
+/** Options of {@link resolveLayerSpec}. */
+export interface ResolveLayerOptions {
+  /**
+   * Whether a spec may name a layer-config JSON file (default true). Set it to false for specs that
+   * come from a client (a service): then a spec is only ever a preset, ids, or an object.
+   */
+  allowFiles?: boolean;
 }
 
 async function isFile(path: string): Promise<boolean> {
@@ -265,7 +282,8 @@ async function isFile(path: string): Promise<boolean> {
  * @throws UnknownLayerError (code `E_UNKNOWN_LAYER`) naming unknown ids, with a suggestion; for a
  * missing or malformed JSON file.
  */
-export async function resolveLayerSpec(spec: string | readonly string[] | Record<string, boolean>): Promise<LayerSpec> {
+export async function resolveLayerSpec(spec: string | readonly string[] | Record<string, boolean>, opts: ResolveLayerOptions = {}): Promise<LayerSpec> {
+  const allowFiles = opts.allowFiles ?? true;
   if (Array.isArray(spec)) return checkIds(spec as readonly string[], '', 'ids');
   if (typeof spec === 'object' && spec !== null) return parseLayerConfig(spec, '<layer config object>');
   if (typeof spec !== 'string') throw new UnknownLayerError(`layers must be a preset name, a JSON file or ids, got ${typeof spec}`);
@@ -273,22 +291,33 @@ export async function resolveLayerSpec(spec: string | readonly string[] | Record
   if (!s) throw new UnknownLayerError('layers: empty layer spec (give a preset name, a layer-config JSON file or ids)');
   if (isPresetName(s)) return { ids: [...PRESETS[s]], attention: false, source: `preset:${s}` };
   const shipped = /^config_15_([a-z_]+)\.json$/.exec(s);
-  if (shipped && isPresetName(shipped[1]!) && !(await isFile(s))) {
+  if (shipped && isPresetName(shipped[1]!) && (!allowFiles || !(await isFile(s)))) {
     return { ids: [...PRESETS[shipped[1]!]], attention: false, source: `preset:${shipped[1]}` };
   }
-  if (s.toLowerCase().endsWith('.json') || (await isFile(s))) {
+  const looksLikeFile = s.toLowerCase().endsWith('.json') || /[/\\]/.test(s);
+  if (!allowFiles) {
+    if (looksLikeFile) throw new UnknownLayerError('layers: a layer-config file cannot be named here; give a preset, ids, or a config object');
+    return checkIds(s.split(','), '', 'ids');
+  }
+  if (looksLikeFile || (await isFile(s))) {
     let text: string;
     try {
+      const st = await stat(s);
+      if (!st.isFile()) throw Object.assign(new Error('not a regular file'), { code: 'ENOTREG' });
+      if (st.size > MAX_LAYER_CONFIG_BYTES) throw Object.assign(new Error('too large'), { code: 'EFBIG' });
       text = await readFile(s, 'utf8');
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
-      throw new UnknownLayerError(`layer config ${s}: ${code === 'ENOENT' ? 'file not found' : `cannot read (${code ?? String(e)})`}`);
+      const why = code === 'ENOENT' ? 'file not found' : code === 'ENOTREG' ? 'not a regular file' : code === 'EFBIG' ? `larger than ${MAX_LAYER_CONFIG_BYTES} bytes` : `cannot read (${code ?? 'error'})`;
+      throw new UnknownLayerError(`layer config ${s}: ${why}`);
     }
     let json: unknown;
     try {
       json = JSON.parse(text);
     } catch (e) {
-      throw new UnknownLayerError(`layer config ${s}: invalid JSON (${(e as Error).message})`);
+      // V8's message quotes the text; keep only the position
+      const at = /position \d+/.exec((e as Error).message)?.[0];
+      throw new UnknownLayerError(`layer config ${s}: invalid JSON${at ? ` (at ${at})` : ''}`);
     }
     return { ...parseLayerConfig(json, s), source: `file:${s}` };
   }

@@ -21,11 +21,14 @@
  *   temporaries of dead processes (or older than `maxAgeMs`, default 30 min) in `dir`; returns them.
  * - `replaceOutputDir(tmpDir: string, path: string): Promise<void>` — moves a finished npy output folder
  *   into place, removing an existing one only when it provably is an output of this package.
+ * - `removeOwnTempsSync(dir: string): string[]` — synchronously removes this process's temporaries in
+ *   `dir` (for a signal handler that is about to exit).
  * - `NPY_SETTINGS_FILE` — `settings.json`, written into every npy output folder (its recorded settings).
  *
  * @module
  */
 import { randomBytes, createHash } from 'node:crypto';
+import { lstatSync, readdirSync, rmdirSync, unlinkSync } from 'node:fs';
 import { lstat, open, readdir, readFile, rename, rm, rmdir, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, extname, join, relative, resolve, isAbsolute, sep } from 'node:path';
 import { DiffusionFeaturesError, InvalidArgumentError, InvalidFileError } from './errors.js';
@@ -336,4 +339,37 @@ export async function removeTemp(path: string): Promise<void> {
   } catch {
     // already gone
   }
+}
+
+/**
+ * Synchronously removes the temporaries of THIS process in `dir` (files, and folders holding only
+ * plain files). For signal handlers about to exit; returns the removed paths.
+ */
+export function removeOwnTempsSync(dir: string): string[] {
+  const removed: string[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return removed;
+  }
+  for (const name of names) {
+    if (tempOwnerPid(name) !== process.pid) continue;
+    const path = join(dir, name);
+    try {
+      const st = lstatSync(path);
+      if (st.isDirectory()) {
+        const entries = readdirSync(path, { withFileTypes: true });
+        if (!entries.every((e) => e.isFile() || e.isSymbolicLink())) continue;
+        for (const e of entries) unlinkSync(join(path, e.name));
+        rmdirSync(path);
+      } else {
+        unlinkSync(path);
+      }
+      removed.push(path);
+    } catch {
+      // gone already
+    }
+  }
+  return removed;
 }

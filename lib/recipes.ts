@@ -1,5 +1,5 @@
 /**
- * GATE's per-task feature recipes (GATE_SPEC §7) and {@link extractRecipe}, which computes every
+ * GATE's per-task feature recipes (docs/method.md §Recipes) and {@link extractRecipe}, which computes every
  * variant of a recipe while doing the shared work once: images are decoded and VAE-encoded once per
  * batch, prompt embeddings are cached, the canny control image is computed once per batch, and the
  * variants that share weights (the same LoRA set) run back to back so each LoRA is merged once; those
@@ -33,7 +33,11 @@ export interface RecipeVariant {
   denoiseFrom?: number;
   /** LoRA slots merged for this variant. */
   lora?: readonly string[];
-  /** Noise seed offset of the variant (GATE's "two runs" = two noise draws). */
+  /**
+   * Noise seed offset of the variant. Every variant of a shipped recipe has its own (its index), so
+   * each draws fresh noise as the reference's separate runs do (GATE's "two runs" = two draws);
+   * the seed used is recorded in the variant's settings.
+   */
   seed?: number;
   t?: number;
 }
@@ -54,71 +58,71 @@ const QUALITY = 'high quality, best quality, highly realistic, masterpiece';
 const LEGACY = 'legacy';
 const UPSAMPLERS = ['up-level0-upsampler-out', 'up-level1-upsampler-out', 'up-level2-upsampler-out'] as const;
 
-/** The recipes of GATE_SPEC §7, verbatim prompts (prompts are data). */
+/** The recipes of docs/method.md §Recipes, verbatim prompts (prompts are data). */
 export const RECIPES: Readonly<Record<string, Recipe>> = Object.freeze({
   correspondence: {
     name: 'correspondence',
-    task: 'SPair-71k semantic correspondence (GATE_SPEC §7.1)',
+    task: 'SPair-71k semantic correspondence (docs/method.md §Recipes)',
     description: 'six 3520-channel legacy features (fine-grained prompt ×2 noise draws, LoRA A/B, ControlNet multi-step ×2) and one 154-channel attention feature',
     loraSlots: ['loraA', 'loraB'],
     variants: [
       { name: 'feature1', prompt: `a photo of ${VOC_CLASSES}, high quality, best quality, highly realistic, masterpiece, high resolution`, layers: LEGACY, seed: 0 },
       { name: 'feature2', prompt: `a photo of ${VOC_CLASSES}, high quality, best quality, highly realistic, masterpiece, high resolution`, layers: LEGACY, seed: 1 },
-      { name: 'feature3', prompt: 'a photo', layers: LEGACY, lora: ['loraA'] },
-      { name: 'feature4', prompt: 'a photo', layers: LEGACY, lora: ['loraB'] },
-      { name: 'feature5', prompt: 'a photo', layers: LEGACY, control: 'canny', denoiseFrom: 60, seed: 0 },
-      { name: 'feature6', prompt: 'a photo', layers: LEGACY, control: 'canny', denoiseFrom: 60, seed: 1 },
-      { name: 'attn', prompt: `a photo of ${VOC_CLASSES}`, layers: [], attention: true, control: 'canny', denoiseFrom: 60, lora: ['loraA'] },
+      { name: 'feature3', prompt: 'a photo', layers: LEGACY, lora: ['loraA'], seed: 2 },
+      { name: 'feature4', prompt: 'a photo', layers: LEGACY, lora: ['loraB'], seed: 3 },
+      { name: 'feature5', prompt: 'a photo', layers: LEGACY, control: 'canny', denoiseFrom: 60, seed: 4 },
+      { name: 'feature6', prompt: 'a photo', layers: LEGACY, control: 'canny', denoiseFrom: 60, seed: 5 },
+      { name: 'attn', prompt: `a photo of ${VOC_CLASSES}`, layers: [], attention: true, control: 'canny', denoiseFrom: 60, lora: ['loraA'], seed: 6 },
     ],
   },
   horse21: {
     name: 'horse21',
-    task: 'Horse-21 label-scarce segmentation (GATE_SPEC §7.2)',
+    task: 'Horse-21 label-scarce segmentation (docs/method.md §Recipes)',
     description: 'four 3674-channel features (legacy + attn): fine-grained prompt, ControlNet multi-step, LoRA a1, LoRA b1',
     loraSlots: ['a1', 'b1'],
     variants: [
-      { name: 'feature1', prompt: `a horse, ${QUALITY}`, layers: LEGACY, attention: true },
-      { name: 'feature2', prompt: 'a horse', layers: LEGACY, attention: true, control: 'canny', denoiseFrom: 60 },
-      { name: 'feature3', prompt: 'a horse', layers: LEGACY, attention: true, lora: ['a1'] },
-      { name: 'feature4', prompt: 'a horse', layers: LEGACY, attention: true, lora: ['b1'] },
+      { name: 'feature1', prompt: `a horse, ${QUALITY}`, layers: LEGACY, attention: true, seed: 0 },
+      { name: 'feature2', prompt: 'a horse', layers: LEGACY, attention: true, control: 'canny', denoiseFrom: 60, seed: 1 },
+      { name: 'feature3', prompt: 'a horse', layers: LEGACY, attention: true, lora: ['a1'], seed: 2 },
+      { name: 'feature4', prompt: 'a horse', layers: LEGACY, attention: true, lora: ['b1'], seed: 3 },
     ],
   },
   bedroom28: {
     name: 'bedroom28',
-    task: 'Bedroom-28 label-scarce segmentation (GATE_SPEC §7.2)',
+    task: 'Bedroom-28 label-scarce segmentation (docs/method.md §Recipes)',
     description: 'three 3674-channel features: prompt (no quality words, on purpose), ControlNet multi-step, one LoRA',
     loraSlots: ['lora'],
     variants: [
-      { name: 'feature1', prompt: 'a photo of a tidy and well-designed bedroom', layers: LEGACY, attention: true },
-      { name: 'feature2', prompt: 'a bedroom', layers: LEGACY, attention: true, control: 'canny', denoiseFrom: 60 },
-      { name: 'feature3', prompt: 'a bedroom', layers: LEGACY, attention: true, lora: ['lora'] },
+      { name: 'feature1', prompt: 'a photo of a tidy and well-designed bedroom', layers: LEGACY, attention: true, seed: 0 },
+      { name: 'feature2', prompt: 'a bedroom', layers: LEGACY, attention: true, control: 'canny', denoiseFrom: 60, seed: 1 },
+      { name: 'feature3', prompt: 'a bedroom', layers: LEGACY, attention: true, lora: ['lora'], seed: 2 },
     ],
   },
   ade20k: {
     name: 'ade20k',
-    task: 'ADE20K standard segmentation (GATE_SPEC §7.3)',
+    task: 'ADE20K standard segmentation (docs/method.md §Recipes)',
     description: 'three one-step extractors of the three upsampler outputs: prompt; prompt + ControlNet + LoRA 2a; prompt + ControlNet + LoRA 2b',
     loraSlots: ['lora2a', 'lora2b'],
     variants: (() => {
       const prompt = 'a highly realistic photo of the real world. It can be an indoor scene, or an outdoor scene, or a photo of nature. high quality.';
       return [
-        { name: 'extractor1', prompt, layers: UPSAMPLERS },
-        { name: 'extractor2', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['lora2a'] },
-        { name: 'extractor3', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['lora2b'] },
+        { name: 'extractor1', prompt, layers: UPSAMPLERS, seed: 0 },
+        { name: 'extractor2', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['lora2a'], seed: 1 },
+        { name: 'extractor3', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['lora2b'], seed: 2 },
       ];
     })(),
   },
   cityscapes: {
     name: 'cityscapes',
-    task: 'CityScapes standard segmentation (GATE_SPEC §7.3)',
+    task: 'CityScapes standard segmentation (docs/method.md §Recipes)',
     description: 'three one-step extractors of the three upsampler outputs: prompt; prompt + ControlNet + LoRA 13; prompt + ControlNet + LoRA 17',
     loraSlots: ['13', '17'],
     variants: (() => {
       const prompt = 'An urban street scene with multiple lanes, various buildings, traffic lights, cars in the lanes, and pedestrians, highly realistic.';
       return [
-        { name: 'extractor1', prompt, layers: UPSAMPLERS },
-        { name: 'extractor2', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['13'] },
-        { name: 'extractor3', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['17'] },
+        { name: 'extractor1', prompt, layers: UPSAMPLERS, seed: 0 },
+        { name: 'extractor2', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['13'], seed: 1 },
+        { name: 'extractor3', prompt, layers: UPSAMPLERS, control: 'canny' as const, lora: ['17'], seed: 2 },
       ];
     })(),
   },
@@ -154,7 +158,7 @@ export interface RecipeResult {
   name: string;
   variants: Record<string, ImageFeatures>;
   /**
-   * Channel concatenation of every variant's packaged features (§3.5: its layers resized to the
+   * Channel concatenation of every variant's packaged features (docs/method.md §Packaging: its layers resized to the
    * largest and concatenated in forward order, then `attn`), variants in recipe order, all resized
    * (nearest) to the largest spatial size.
    */
@@ -165,7 +169,7 @@ export interface RecipeResult {
 
 /** Looks a recipe up by name, with a clear error. */
 export function getRecipe(name: string): Recipe {
-  const r = RECIPES[name];
+  const r = typeof name === 'string' && Object.prototype.hasOwnProperty.call(RECIPES, name) ? RECIPES[name] : undefined;
   if (!r) throw new InvalidArgumentError(`unknown recipe '${name}' (known: ${Object.keys(RECIPES).join(', ')})`);
   return r;
 }
@@ -249,7 +253,7 @@ export async function extractRecipe(
               const l = loras[slot]!;
               return typeof l === 'string' ? { file: l, scale: 1 } : l;
             });
-            await pipeline.lora.swap(specs, {});
+            await pipeline.lora.applyNow(specs, {});
             const items = group.map((v) => ({
               v,
               plan: { ...plans.get(v.name)!, settings: { ...plans.get(v.name)!.settings, lora: pipeline.lora.describe(), recipe: r.name, variant: v.name } },
@@ -297,7 +301,7 @@ export async function extractRecipe(
       perImage.forEach((vs) => Object.values(vs).forEach((f) => f.dispose()));
       throw err;
     } finally {
-      await pipeline.lora.swap([], {});
+      await pipeline.lora.applyNow([], {});
     }
-  });
+  }, opts.signal);
 }

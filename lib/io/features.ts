@@ -10,6 +10,11 @@ import { InvalidFileError } from '../errors.js';
 import type { ImageFeatures } from '../pipeline/types.js';
 import type { RecipeResult } from '../recipes.js';
 import { SafetensorsFile, encodeSafetensors, writeSafetensors, type StTensorInput } from './safetensors.js';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { atomicWrite } from './atomic.js';
+import { writeNpy } from './npy.js';
+import { NPY_SETTINGS_FILE, replaceOutputDir } from '../outputs.js';
 
 /** The `format` metadata value of every features file this package writes. */
 export const FEATURES_FORMAT = 'diffusion-features';
@@ -39,6 +44,27 @@ export function encodeFeatures(f: ImageFeatures): Uint8Array {
 /** Writes one image's features to `path` atomically. */
 export async function writeFeatures(path: string, f: ImageFeatures): Promise<void> {
   await writeSafetensors(path, featureTensors(f), featureMetadata(f));
+}
+
+/**
+ * Writes one image's features as an npy folder's content into the (existing or new) folder `dir`:
+ * `<id>.npy` per feature, `packaged.npy`, and {@link NPY_SETTINGS_FILE} with the same metadata a
+ * safetensors output records.
+ */
+export async function writeFeaturesNpyContent(dir: string, f: ImageFeatures): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  for (const [id, t] of Object.entries(f.features)) await writeNpy(join(dir, `${id}.npy`), t.toFloat32Array(), t.shape);
+  if (f.packaged) await writeNpy(join(dir, 'packaged.npy'), f.packaged.toFloat32Array(), f.packaged.shape);
+  await writeFile(join(dir, NPY_SETTINGS_FILE), JSON.stringify(featureMetadata(f)));
+}
+
+/**
+ * Writes one image's features as the npy output folder `path`, atomically: built in a temporary
+ * folder next to it, then moved into place; an existing folder is replaced only when it is an npy
+ * output of this package (`replaceOutputDir`), never removed recursively otherwise.
+ */
+export async function writeFeaturesNpy(path: string, f: ImageFeatures): Promise<void> {
+  await atomicWrite(path, (tmp) => writeFeaturesNpyContent(tmp, f), { kind: 'dir', commit: replaceOutputDir });
 }
 
 /**

@@ -23,6 +23,9 @@ interface Active {
   scale: number;
 }
 
+/** Largest accepted |scale| of a LoRA (GATE uses 1; beyond a few the merged weights are meaningless). */
+export const MAX_LORA_SCALE = 1000;
+
 /**
  * Merges LoRA sets into a loaded UNet (and optionally text encoder) and swaps them without reloading:
  * the original weights of touched parameters are kept (on the CPU) and restored exactly.
@@ -42,9 +45,13 @@ export class LoraManager {
    * @param unet the UNet ScriptModule (diffusers parameter names)
    * @param text the CLIP text encoder ScriptModule (transformers names), if LoRA may touch it
    */
-  constructor(unet: ScriptModule, text?: ScriptModule | null) {
+  constructor(unet: ScriptModule, text?: ScriptModule | null, schedule?: <T>(fn: () => Promise<T>) => Promise<T>) {
     this.modules = { unet, text_encoder: text ?? null };
+    this.schedule = schedule;
   }
+
+  /** The owning pipeline's call queue: {@link swap} waits for running extractions instead of changing weights under them. */
+  private readonly schedule?: <T>(fn: () => Promise<T>) => Promise<T>;
 
   /** The LoRA files currently merged, with their scales. */
   get active(): readonly Readonly<Active>[] {
@@ -69,6 +76,14 @@ export class LoraManager {
    * encoder); skipped modules are listed in {@link skipped}.
    */
   swap(loras: readonly LoraSpec[], opts: { textEncoder?: boolean } = {}): Promise<void> {
+    return this.schedule ? this.schedule(() => this.applyNow(loras, opts)) : this.applyNow(loras, opts);
+  }
+
+  /**
+   * @internal {@link swap} for callers already inside the pipeline's call queue (the pipeline's
+   * `setLora`, recipes): swaps serialised only against other swaps.
+   */
+  applyNow(loras: readonly LoraSpec[], opts: { textEncoder?: boolean } = {}): Promise<void> {
     const run = this.queue.then(() => this.swapNow(loras, opts));
     this.queue = run.catch(() => undefined);
     return run;
@@ -82,7 +97,9 @@ export class LoraManager {
   private async load(spec: LoraSpec): Promise<{ lora: LoraFile; scale: number; stamp: string }> {
     if (!spec || typeof spec.file !== 'string' || !spec.file) throw new InvalidArgumentError('LoRA spec needs a file');
     const scale = spec.scale ?? 1;
-    if (typeof scale !== 'number' || !Number.isFinite(scale)) throw new InvalidArgumentError(`LoRA scale of ${spec.file} must be a finite number, got ${String(scale)}`);
+    if (typeof scale !== 'number' || !Number.isFinite(scale) || Math.abs(scale) > MAX_LORA_SCALE) {
+      throw new InvalidArgumentError(`LoRA scale of ${spec.file} must be a finite number in [-${MAX_LORA_SCALE}, ${MAX_LORA_SCALE}], got ${String(scale)}`);
+    }
     const path = resolve(spec.file);
     let stamp = '';
     try {

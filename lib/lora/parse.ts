@@ -5,7 +5,7 @@
  *
  *     W' = W + Σ_i s_i · (alpha_i / r_i) · reshape(up_i @ down_i, W.shape)
  *
- * evaluated in float64 and rounded once (`ops.lora_merge`, GATE_SPEC §6). The original weights of
+ * evaluated in float64 and rounded once (`ops.lora_merge`, docs/method.md §LoRA). The original weights of
  * every touched parameter are saved before merging, so un-merging or swapping LoRA sets restores
  * them exactly, without reloading the model.
  *
@@ -144,6 +144,9 @@ function classifyKey(k: string): { module: string; target: LoraTarget; name: str
   return null;
 }
 
+/** Largest accepted |value| of a LoRA factor (real ones are far below 10). */
+export const MAX_LORA_FACTOR = 1e6;
+
 function readFactor(st: SafetensorsFile, name: string, file: string): LoraFactor {
   const info = st.info(name);
   if (!FLOAT_DTYPES.has(info.dtype)) throw new InvalidFileError(file, `LoRA tensor "${name}" has dtype ${info.dtype}; expected F16, BF16, F32 or F64`);
@@ -151,7 +154,15 @@ function readFactor(st: SafetensorsFile, name: string, file: string): LoraFactor
     throw new InvalidFileError(file, `LoRA tensor "${name}" must be 2-D or 4-D, got shape [${info.shape.join(', ')}]`);
   }
   if (info.shape.some((d) => d === 0)) throw new InvalidFileError(file, `LoRA tensor "${name}" is empty (shape [${info.shape.join(', ')}])`);
-  return { data: st.float32(name), shape: info.shape };
+  const data = st.float32(name);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i]!;
+    // NaN, ±Inf, and values whose products overflow float32 (|v| > 1e6) would make every feature NaN
+    if (!(Math.abs(v) <= MAX_LORA_FACTOR)) {
+      throw new InvalidFileError(file, `LoRA tensor "${name}" holds ${Number.isNaN(v) ? 'NaN' : v} at index ${i}; factors must be finite with |x| ≤ ${MAX_LORA_FACTOR}`);
+    }
+  }
+  return { data, shape: info.shape };
 }
 
 /**
@@ -204,7 +215,7 @@ export function parseLora(st: SafetensorsFile, file: string = st.source): LoraFi
       if (n !== 1) throw new InvalidFileError(file, `LoRA alpha "${s.alpha}" must be a scalar, got shape [${info.shape.join(', ')}]`);
       if (info.dtype === 'BOOL') throw new InvalidFileError(file, `LoRA alpha "${s.alpha}" has dtype BOOL`);
       alpha = st.float64(s.alpha)[0]!;
-      if (!Number.isFinite(alpha)) throw new InvalidFileError(file, `LoRA alpha "${s.alpha}" is not finite (${alpha})`);
+      if (!Number.isFinite(alpha) || Math.abs(alpha) > MAX_LORA_FACTOR) throw new InvalidFileError(file, `LoRA alpha "${s.alpha}" must be finite with |alpha| ≤ ${MAX_LORA_FACTOR}, got ${alpha}`);
     }
     modules.push({ key: s.key, target: s.target, name: s.name, dotted: s.dotted, up, down, alpha, rank });
   }

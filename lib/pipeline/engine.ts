@@ -23,7 +23,7 @@ import { Tensor, ScriptModule, type Device, type DType, type IValue } from '../n
 import type { ClipTokenizer } from '../tokenizer.js';
 import { loadImage } from '../image.js';
 import { sortForwardOrder } from '../layers.js';
-import { IncompatibleModelError, InvalidArgumentError, InvalidFileError, UnknownLayerError, throwIfAborted } from '../errors.js';
+import { AbortError, DiffusionFeaturesError, IncompatibleModelError, InvalidArgumentError, InvalidFileError, UnknownLayerError, throwIfAborted } from '../errors.js';
 import { LoraManager } from '../lora/manager.js';
 import { PLMS_START, type Ops } from '../ops.js';
 import type { ModelJson } from './model-json.js';
@@ -107,7 +107,7 @@ export class Engine {
     readonly ops: Ops,
     readonly tokenizer: ClipTokenizer,
   ) {
-    this.lora = new LoraManager(modules.unet, modules.text);
+    this.lora = new LoraManager(modules.unet, modules.text, (fn) => this.run(fn));
   }
 
   get disposed(): boolean {
@@ -115,11 +115,29 @@ export class Engine {
   }
 
   /** Runs `fn` in the call queue: calls on one pipeline run one after the other. */
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.disposedFlag) return Promise.reject(new InvalidArgumentError('pipeline has been disposed'));
-    const run = this.queue.then(fn, fn);
+  run<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    if (this.disposedFlag) return Promise.reject(new DiffusionFeaturesError('E_DISPOSED', 'pipeline has been disposed'));
+    if (signal?.aborted) return Promise.reject(new AbortError('call aborted before it started', { cause: signal.reason }));
+    let abortedWhileQueued = false;
+    const turn = (): Promise<T> => {
+      if (abortedWhileQueued || signal?.aborted) return Promise.reject(new AbortError('call aborted before it started', { cause: signal?.reason }));
+      if (this.disposedFlag) return Promise.reject(new DiffusionFeaturesError('E_DISPOSED', 'pipeline has been disposed'));
+      signal?.removeEventListener('abort', onAbort);
+      return fn();
+    };
+    const run = this.queue.then(turn, turn);
     this.queue = run.catch(() => undefined);
-    return run;
+    if (!signal) return run;
+    // a call still waiting for its turn rejects as soon as its signal aborts (its turn is then skipped)
+    let rejectNow: (e: unknown) => void = () => undefined;
+    const early = new Promise<never>((_, reject) => (rejectNow = reject));
+    const onAbort = (): void => {
+      abortedWhileQueued = true;
+      rejectNow(new AbortError('call aborted while waiting in the queue', { cause: signal.reason }));
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    run.then(() => signal.removeEventListener('abort', onAbort), () => signal.removeEventListener('abort', onAbort));
+    return Promise.race([run, early]);
   }
 
   /** Validates `o` and resolves it into a {@link Plan} for this model and LoRA state. */
@@ -175,7 +193,7 @@ export class Engine {
   // ------------------------------------------------------------------------------------ stages
 
   /** Stage `decode` + `vae`: decodes a batch and encodes it with the VAE (shared by all variants run on it). */
-  async prepareBatch(images: readonly ImageInput[], start: number, plan: Pick<Plan, 'size' | 'batchSize'>, o: Pick<ExtractOptions, 'signal' | 'onProgress'>): Promise<BatchContext> {
+  async prepareBatch(images: readonly ImageInput[], start: number, plan: Pick<Plan, 'size' | 'batchSize'>, o: Pick<ExtractOptions, 'signal' | 'onProgress' | 'maxPixels' | 'maxImageBytes'>): Promise<BatchContext> {
     const scope = new Scope();
     try {
       const { size } = plan;
@@ -183,7 +201,16 @@ export class Engine {
       const B = batch.length;
       throwIfAborted(o.signal, 'extraction');
       o.onProgress?.({ stage: 'decode', done: start, total: images.length });
-      const decoded = await Promise.all(batch.map((img) => loadImage(typeof img === 'string' || img instanceof Uint8Array ? img : img.data, size)));
+      const decoded = await Promise.all(
+        batch.map((img, i) =>
+          loadImage(typeof img === 'string' || img instanceof Uint8Array ? img : img.data, size, {
+            name: typeof img === 'string' ? undefined : `images[${start + i}] (${imageName(img, start + i)}, ${(img instanceof Uint8Array ? img : img.data).length} bytes)`,
+            signal: o.signal,
+            maxPixels: o.maxPixels,
+            maxBytes: o.maxImageBytes,
+          }),
+        ),
+      );
       const pixels = new Uint8Array(B * size * size * 3);
       decoded.forEach((d, i) => pixels.set(d.data, i * size * size * 3));
       const u8 = scope.add(await scope.add(Tensor.fromUint8Array(pixels, [B, size, size, 3])).to(this.device));

@@ -90,7 +90,7 @@ export class Pipeline {
   setLora(loras: readonly LoraSpec[], opts: { textEncoder?: boolean } = {}): Promise<void> {
     const e = engineOf(this);
     return e.run(async () => {
-      await e.lora.swap(loras, opts);
+      await e.lora.applyNow(loras, opts);
       if (opts.textEncoder || e.promptCacheSize) e.clearPromptCache();
     });
   }
@@ -154,7 +154,7 @@ export class Pipeline {
         results.forEach((r) => r.dispose());
         throw err;
       }
-    });
+    }, options?.signal);
   }
 
   /** Releases every model and cached tensor. Further calls reject. */

@@ -4,9 +4,9 @@
  *
  * @module
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { FileNotFoundError, IncompatibleModelError, InvalidFileError } from '../errors.js';
+import { FileAccessError, FileNotFoundError, IncompatibleModelError, InvalidFileError, fileError } from '../errors.js';
 import { packageRoot } from '../ops.js';
 
 /** Versions of model.json this release reads. */
@@ -48,6 +48,9 @@ export function defaultSize(model: Pick<ModelJson, 'default_size'>): number {
   return typeof d === 'number' ? d : FALLBACK_DEFAULT_SIZE;
 }
 
+/** Largest accepted model.json (the full SD1.5 export's is ~60 KB). */
+export const MAX_MODEL_JSON_BYTES = 16 * 1024 * 1024;
+
 /** Reads and validates `model.json` of a weights folder. */
 export function readModelJson(dir: string): ModelJson {
   const path = join(dir, 'model.json');
@@ -55,18 +58,42 @@ export function readModelJson(dir: string): ModelJson {
     throw new FileNotFoundError(path, 'not a diffusion-features weights folder (model.json is missing); create one with `python3 weights/export.py --from <SD1.5 folder> --out <dir>`');
   }
   let json: ModelJson;
+  let text: string;
   try {
-    json = JSON.parse(readFileSync(path, 'utf8')) as ModelJson;
+    const st = statSync(path);
+    if (!st.isFile()) throw new FileAccessError(path, 'is not a regular file');
+    if (st.size > MAX_MODEL_JSON_BYTES) throw new InvalidFileError(path, `is ${st.size} bytes; a model.json is at most ${MAX_MODEL_JSON_BYTES}`);
+    text = readFileSync(path, 'utf8');
   } catch (err) {
-    throw new InvalidFileError(path, `not valid JSON (${(err as Error).message})`);
+    throw fileError(path, err, 'model.json');
   }
+  try {
+    json = JSON.parse(text) as ModelJson;
+  } catch (err) {
+    // V8's message quotes the text: keep only the position
+    const at = /position \d+/.exec((err as Error).message)?.[0];
+    throw new InvalidFileError(path, `not valid JSON${at ? ` (at ${at})` : ''}`);
+  }
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new InvalidFileError(path, 'must hold a JSON object');
   if (!SUPPORTED_FORMATS.includes(json.format_version)) {
     throw new IncompatibleModelError(
       `${path}: format_version ${String(json.format_version)} is not supported by this release (reads ${SUPPORTED_FORMATS.join(', ')}); re-export the weights with this version's weights/export.py`,
     );
   }
-  if (typeof json.scaling_factor !== 'number' || !json.layers || typeof json.layers !== 'object') {
+  if (typeof json.scaling_factor !== 'number' || !json.layers || typeof json.layers !== 'object' || Array.isArray(json.layers)) {
     throw new InvalidFileError(path, 'missing scaling_factor or layers');
+  }
+  // SD1.5's is 0.18215; anything non-finite, non-positive or huge would silently give NaN features
+  if (!Number.isFinite(json.scaling_factor) || json.scaling_factor <= 0 || json.scaling_factor > 100) {
+    throw new InvalidFileError(path, `scaling_factor must be a finite number in (0, 100], got ${json.scaling_factor}`);
+  }
+  if (json.default_size !== undefined && (!Number.isSafeInteger(json.default_size) || (json.default_size as number) < 64 || (json.default_size as number) > 4096)) {
+    throw new InvalidFileError(path, `default_size must be an integer in [64, 4096], got ${String(json.default_size)}`);
+  }
+  for (const [id, shape] of Object.entries(json.layers)) {
+    if (!Array.isArray(shape) || shape.length < 1 || shape.length > 4 || !shape.every((d) => Number.isSafeInteger(d) && d > 0 && d < 1 << 24)) {
+      throw new InvalidFileError(path, `layers: the shape of ${JSON.stringify(id.slice(0, 80))} must be a list of 1-4 positive integers`);
+    }
   }
   return json;
 }

@@ -6,8 +6,8 @@
  *
  * @module
  */
-import type { Device, DType } from '../native.js';
-import { resolveLayerSpec, sortForwardOrder, attentionMapIds, type AttentionCategory } from '../layers.js';
+import { Tensor, type Device, type DType } from '../native.js';
+import { ATTENTION_CATEGORIES, isMapId, resolveLayerSpec, sortForwardOrder, attentionMapIds, type AttentionCategory } from '../layers.js';
 import { InvalidArgumentError, UnknownLayerError } from '../errors.js';
 import type { Ops } from '../ops.js';
 import { defaultSize, type ModelJson } from './model-json.js';
@@ -54,6 +54,42 @@ export interface PlanEnv {
   lora: string;
 }
 
+/** Largest accepted |controlScale| (the reference uses 1). */
+export const MAX_CONTROL_SCALE = 100;
+
+/** Largest accepted |value| in caller-supplied noise (standard normal draws stay far below). */
+export const MAX_NOISE_ABS = 1000;
+
+/** Checks the image list and the option kinds so that bad input is a typed error, not a TypeError. */
+function checkInputs(images: readonly ImageInput[], o: ExtractOptions): void {
+  images.forEach((img, i) => {
+    const ok = typeof img === 'string' || img instanceof Uint8Array || (img !== null && typeof img === 'object' && typeof (img as { name?: unknown }).name === 'string' && (img as { data?: unknown }).data instanceof Uint8Array);
+    if (!ok) throw new InvalidArgumentError(`images[${i}] must be a file path, a Buffer/Uint8Array or { name, data }, got ${img === null ? 'null' : Array.isArray(img) ? 'an array' : typeof img}`);
+  });
+  if (o === null || typeof o !== 'object') throw new InvalidArgumentError('extract options must be an object');
+  if (o.prompt !== undefined && typeof o.prompt !== 'string') throw new InvalidArgumentError(`prompt must be a string, got ${o.prompt === null ? 'null' : typeof o.prompt}`);
+  if (o.onProgress !== undefined && typeof o.onProgress !== 'function') throw new InvalidArgumentError(`onProgress must be a function, got ${o.onProgress === null ? 'null' : typeof o.onProgress}`);
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new InvalidArgumentError('signal must be an AbortSignal');
+  if (o.attention !== undefined && typeof o.attention !== 'boolean') {
+    if (!Array.isArray(o.attention) || !o.attention.every((c) => typeof c === 'string' && (ATTENTION_CATEGORIES as readonly string[]).includes(c))) {
+      throw new InvalidArgumentError(`attention must be true/false or a list of ${ATTENTION_CATEGORIES.join(', ')}`);
+    }
+  }
+  if (o.packaged !== undefined && typeof o.packaged !== 'boolean') throw new InvalidArgumentError('packaged must be true or false');
+  if (o.noise !== undefined && (o.noise === null || typeof o.noise !== 'object' || !(o.noise.noise instanceof Tensor) || (o.noise.vaeNoise !== undefined && !(o.noise.vaeNoise instanceof Tensor)))) {
+    throw new InvalidArgumentError('noise must be { noise: Tensor, vaeNoise?: Tensor }');
+  }
+}
+
+/** Caller noise must be finite and of sane magnitude (NaN/Inf/3e38 would make every feature NaN). */
+function checkNoiseValues(name: string, t: Tensor): void {
+  const v = t.toFloat32Array();
+  for (let i = 0; i < v.length; i++) {
+    const x = v[i]!;
+    if (!(Math.abs(x) <= MAX_NOISE_ABS)) throw new InvalidArgumentError(`${name} holds ${Number.isNaN(x) ? 'NaN' : x} at index ${i}; noise must be finite with |x| ≤ ${MAX_NOISE_ABS}`);
+  }
+}
+
 function checkInt(name: string, v: number | undefined, min: number, max: number): void {
   if (v === undefined) return;
   if (!Number.isInteger(v) || v < min || v > max) {
@@ -65,6 +101,7 @@ function checkInt(name: string, v: number | undefined, min: number, max: number)
 export async function planVariant(env: PlanEnv, images: readonly ImageInput[], o: ExtractOptions): Promise<Plan> {
   const { model } = env;
   if (!Array.isArray(images) || images.length === 0) throw new InvalidArgumentError('extract: give at least one image');
+  checkInputs(images, o);
   const size = o.size ?? defaultSize(model);
   checkInt('size', size, 64, 4096);
   if (size % 64 !== 0) throw new InvalidArgumentError(`size must be a multiple of 64, got ${size}`);
@@ -78,7 +115,9 @@ export async function planVariant(env: PlanEnv, images: readonly ImageInput[], o
   checkInt('seed', seed, 0, Number.MAX_SAFE_INTEGER);
   checkInt('seedOffset', o.seedOffset, 0, Number.MAX_SAFE_INTEGER);
   const controlScale = o.controlScale ?? 1;
-  if (!Number.isFinite(controlScale)) throw new InvalidArgumentError('controlScale must be a finite number');
+  if (typeof controlScale !== 'number' || !Number.isFinite(controlScale) || Math.abs(controlScale) > MAX_CONTROL_SCALE) {
+    throw new InvalidArgumentError(`controlScale must be a finite number in [-${MAX_CONTROL_SCALE}, ${MAX_CONTROL_SCALE}], got ${String(controlScale)}`);
+  }
   const posterior = o.posterior ?? 'sample';
   if (posterior !== 'sample' && posterior !== 'mean') throw new InvalidArgumentError(`posterior must be 'sample' or 'mean', got '${String(posterior)}'`);
   const mode = o.timestepMode ?? 'reference';
@@ -95,6 +134,9 @@ export async function planVariant(env: PlanEnv, images: readonly ImageInput[], o
   const categories: AttentionCategory[] =
     o.attention === true ? ['up_cross'] : Array.isArray(o.attention) ? [...(o.attention as AttentionCategory[])] : spec.attention ? ['up_cross'] : [];
   const userIds = sortForwardOrder(spec.ids);
+  if (userIds.length === 0 && categories.length === 0) {
+    throw new UnknownLayerError(`layers: the layer spec ${JSON.stringify(typeof o.layers === 'string' ? o.layers.slice(0, 80) : o.layers ?? 'legacy').slice(0, 100)} selects no layer (give a preset, ids, or attention)`);
+  }
   const latent = size / 8;
   // Attention maps kept by the reference: 16² and 32² layers at 512 px, i.e. (size/32)² ≤ n_q ≤ (size/16)².
   const minQ = (size / 32) ** 2;
@@ -120,6 +162,21 @@ export async function planVariant(env: PlanEnv, images: readonly ImageInput[], o
       const n = tensor?.shape;
       if (n && (n.length !== 4 || n[0]! < images.length || n[1] !== 4 || n[2] !== latent || n[3] !== latent)) {
         throw new InvalidArgumentError(`${name} must be N×4×${latent}×${latent} with N ≥ ${images.length} (one row per image), got ${n.join('×')}`);
+      }
+    }
+  }
+  if (o.noise) {
+    for (const [name, tensor] of [['noise', o.noise.noise], ['vaeNoise', o.noise.vaeNoise]] as const) if (tensor) checkNoiseValues(name, tensor);
+  }
+  if (featureResize > 1) {
+    for (const id of userIds) {
+      const shape = model.layers[id];
+      if (!shape || shape.length < 3) continue;
+      const scale = size / defaultSize(model);
+      // spatial maps scale with the image side; attention maps' query count with its square (keys stay 77)
+      const dims = isMapId(id) ? [Math.round(shape[1]! * scale * scale), shape[2]!] : [Math.round(shape[1]! * scale), Math.round(shape[2]! * scale)];
+      if (featureResize > Math.min(...dims)) {
+        throw new InvalidArgumentError(`featureResize ${featureResize} is larger than layer ${id} (${dims.join('×')} at size ${size}); at most ${Math.min(...dims)}`);
       }
     }
   }

@@ -36,7 +36,7 @@ export interface Progress {
 export interface ExtractOptions {
   /** A preset (`legacy` default, `practical`, `amalgamation`, `amalgamation_small`, `full`), a layer-config JSON file, or ids. */
   layers?: string | readonly string[];
-  /** The prompt shared by all images (default `''`). Prompts of more than 70 words are chunked (GATE_SPEC §2). */
+  /** The prompt shared by all images (default `''`). Prompts of more than 70 words are chunked (docs/method.md §Prompts). */
   prompt?: string;
   /** Nominal timestep (default 50). */
   t?: number;
@@ -67,12 +67,20 @@ export interface ExtractOptions {
   size?: number;
   /** Images per model call (default 1). */
   batchSize?: number;
-  /** Average-pool every feature by this factor (default 1 = off, GATE_SPEC §3.3). */
+  /** Average-pool every feature by this factor (default 1 = off, docs/method.md §Layers). */
   featureResize?: number;
-  /** Also return the §3.5 packaged tensor (all features resized to the largest and concatenated). */
+  /** Also return the packaged tensor: all features resized to the largest and concatenated (docs/method.md §Packaging). */
   packaged?: boolean;
-  /** Cancels the call between model calls. */
+  /**
+   * Cancels the call: image reading and resizing stop, and the call stops between model calls. A call
+   * still waiting in the pipeline's queue rejects at once. The rejection is an `AbortError`
+   * (`E_ABORTED`, `cause` = the signal's reason).
+   */
   signal?: AbortSignal;
+  /** Largest accepted source image in pixels (default 16383², sharp's limit); over it: `E_LIMIT_EXCEEDED`. */
+  maxPixels?: number;
+  /** Largest accepted encoded image in bytes (default 256 MiB); over it: `E_LIMIT_EXCEEDED`. */
+  maxImageBytes?: number;
   /** Called as work advances. */
   onProgress?: (p: Progress) => void;
 }
@@ -83,7 +91,7 @@ export interface ImageFeatures {
   name: string;
   /** Per layer id (and `attn`), in forward order. */
   features: Record<string, Tensor>;
-  /** §3.5 packaging, when asked for. */
+  /** The packaged tensor (docs/method.md §Packaging), when asked for. */
   packaged?: Tensor;
   /** The settings that produced these features (strings, also written into output metadata). */
   settings: Record<string, string>;
