@@ -6,7 +6,6 @@
 #include <cstdlib>
 
 #include <ATen/Parallel.h>
-#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 #include <napi.h>
@@ -15,6 +14,7 @@
 #include "errors.h"
 #include "module.h"
 #include "tensor.h"
+#include "threads.h"
 #include "train.h"
 #include "workers.h"
 
@@ -27,63 +27,12 @@
 
 namespace df {
 
-static std::atomic<int> g_threads_generation{0};
-
-// TorchScript graph-executor optimisation (profiling + specialisation). Off by default: on our models
-// (large convolutions and matmuls) it does not make warm calls faster, but the first two calls of every
-// new input shape run up to ~2x slower while it profiles. DIFFUSION_FEATURES_JIT_OPTIMIZE=1 or
-// setJitOptimize(true) turns it on. The setting is per thread in libtorch, so it is applied on every job.
-static std::atomic<bool> g_jit_optimize{[] {
-  const char* e = std::getenv("DIFFUSION_FEATURES_JIT_OPTIMIZE");
-  return e != nullptr && e[0] == '1';
-}()};
-
-void SyncThreadSettings() {
-  thread_local int seen = -1;
-  int gen = g_threads_generation.load();
-  if (seen != gen) {
-    at::init_num_threads();
-    seen = gen;
-  }
-  const bool opt = g_jit_optimize.load();
-  if (torch::jit::getGraphExecutorOptimize() != opt) torch::jit::setGraphExecutorOptimize(opt);
-}
-
-static Napi::Value SetJitOptimize(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsBoolean())
-    throw MakeError(env, "setJitOptimize(on): on must be a boolean", "E_INVALID_ARGUMENT");
-  g_jit_optimize = info[0].As<Napi::Boolean>().Value();
-  return env.Undefined();
-}
-
-static Napi::Value GetJitOptimize(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), g_jit_optimize.load());
-}
-
 static Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), Guard(info.Env(), "cudaAvailable", [] { return torch::cuda::is_available(); }));
 }
 
 static Napi::Value DeviceCount(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), Guard(info.Env(), "deviceCount", [] { return double(torch::cuda::device_count()); }));
-}
-
-static Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsNumber() || info[0].As<Napi::Number>().Int32Value() < 1)
-    throw MakeError(env, "setNumThreads(n): n must be a positive integer", "E_INVALID_ARGUMENT");
-  int n = info[0].As<Napi::Number>().Int32Value();
-  Guard(env, "setNumThreads", [n] {
-    at::set_num_threads(n);
-    return 0;
-  });
-  g_threads_generation++;
-  return env.Undefined();
-}
-
-static Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), at::get_num_threads());
 }
 
 // The intra-op thread count as seen by a worker thread (where model calls run).
@@ -159,6 +108,11 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuCache", Napi::Function::New(env, CpuCache, "cpuCache"));
   exports.Set("emptyCpuCache", Napi::Function::New(env, EmptyCpuCacheJs, "emptyCpuCache"));
   exports.Set("setCpuCacheLimit", Napi::Function::New(env, SetCpuCacheLimitJs, "setCpuCacheLimit"));
+  exports.Set("maxThreads", Napi::Function::New(env, [](const Napi::CallbackInfo& i) -> Napi::Value {
+    return Napi::Number::New(i.Env(), MaxThreads()); }, "maxThreads"));
+  exports.Set("createCancelToken", Napi::Function::New(env, CreateCancelToken, "createCancelToken"));
+  exports.Set("cancel", Napi::Function::New(env, CancelToken, "cancel"));
+  exports.Set("workerStats", Napi::Function::New(env, WorkerStats, "workerStats"));
   InitTrain(env, exports);  // RawHead, loadHead, stackHeads (src/train.cc)
   return exports;
 }

@@ -1,5 +1,7 @@
-// Per-env state of the addon (napi instance data).
+// Per-env state of the addon (napi instance data): one per JS thread (main thread, each Worker).
 #pragma once
+#include <memory>
+
 #include <napi.h>
 
 namespace df {
@@ -9,7 +11,8 @@ struct EnvChannel;  // workers.cc
 struct AddonData {
   Napi::FunctionReference tensorCtor;
   Napi::FunctionReference moduleCtor;
-  EnvChannel* channel = nullptr;
+  // Delivery of finished jobs to this env; shared with its jobs in flight, which may outlive the env.
+  std::shared_ptr<EnvChannel> channel;
 };
 
 inline AddonData& Data(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }

@@ -11,6 +11,10 @@
 
 namespace df {
 
+constexpr double kMaxSafeInteger = 9007199254740991.0;  // Number.MAX_SAFE_INTEGER
+constexpr int kMaxInferDepth = 64;
+constexpr uint32_t kMaxListLength = 1u << 24;  // a sparse JS array may claim 2^32 - 1
+
 static std::string TypeStr(const c10::TypePtr& t) { return t->annotation_str(); }
 
 static std::string JsKind(const Napi::Value& v) {
@@ -40,7 +44,10 @@ static bool IsPlainObject(Napi::Env env, const Napi::Value& v) {
 }
 
 // Best-effort conversion for `Any`-typed slots: the value's own JS type decides.
-static c10::IValue Infer(Napi::Env env, const Napi::Value& v, const std::string& where) {
+static c10::IValue Infer(Napi::Env env, const Napi::Value& v, const std::string& where, int depth = 0) {
+  // Arrays nest as deep as the caller made them (or loop back on themselves): bound the recursion.
+  if (depth > kMaxInferDepth)
+    throw MakeError(env, where + ": nested more than " + std::to_string(kMaxInferDepth) + " levels deep (or cyclic)", "E_INVALID_ARGUMENT");
   if (v.IsNull() || v.IsUndefined()) return c10::IValue();
   if (v.IsBoolean()) return c10::IValue(v.As<Napi::Boolean>().Value());
   if (v.IsNumber()) {
@@ -50,14 +57,18 @@ static c10::IValue Infer(Napi::Env env, const Napi::Value& v, const std::string&
   }
   if (v.IsBigInt()) {
     bool lossless;
-    return c10::IValue(v.As<Napi::BigInt>().Int64Value(&lossless));
+    int64_t i = v.As<Napi::BigInt>().Int64Value(&lossless);
+    if (!lossless) throw MakeError(env, where + ": bigint does not fit in int64", "E_INVALID_ARGUMENT");
+    return c10::IValue(i);
   }
   if (v.IsString()) return c10::IValue(v.As<Napi::String>().Utf8Value());
   if (TensorWrap::IsInstance(env, v)) return c10::IValue(TensorWrap::From(env, v, where));
   if (v.IsArray()) {
     Napi::Array a = v.As<Napi::Array>();
+    if (a.Length() > kMaxListLength)
+      throw MakeError(env, where + ": a list of " + std::to_string(a.Length()) + " elements is too long", "E_LIMIT_EXCEEDED");
     std::vector<c10::IValue> items;
-    for (uint32_t i = 0; i < a.Length(); ++i) items.push_back(Infer(env, a.Get(i), where + "[" + std::to_string(i) + "]"));
+    for (uint32_t i = 0; i < a.Length(); ++i) items.push_back(Infer(env, a.Get(i), where + "[" + std::to_string(i) + "]", depth + 1));
     return c10::ivalue::Tuple::create(std::move(items));
   }
   throw MakeError(env, where + ": cannot infer a TorchScript type for a " + JsKind(v), "E_INVALID_ARGUMENT");
@@ -78,16 +89,24 @@ c10::IValue ToIValue(Napi::Env env, const Napi::Value& v, const c10::TypePtr& ty
       }
       if (!v.IsNumber()) Mismatch(env, v, type, where);
       double d = v.As<Napi::Number>().DoubleValue();
-      if (std::floor(d) != d || !std::isfinite(d)) Mismatch(env, v, type, where, " (not an integer)");
+      if (!std::isfinite(d) || std::floor(d) != d) Mismatch(env, v, type, where, " (not an integer)");
+      // Beyond 2^53 a JS number is not an exact integer (and beyond 2^63 the cast would be undefined).
+      if (std::fabs(d) > kMaxSafeInteger)
+        Mismatch(env, v, type, where, " (not a safe integer: pass a bigint for values beyond 2^53)");
       return c10::IValue(static_cast<int64_t>(d));
     }
     case c10::TypeKind::FloatType: {
       if (v.IsBigInt()) {
         bool lossless;
-        return c10::IValue(static_cast<double>(v.As<Napi::BigInt>().Int64Value(&lossless)));
+        int64_t i = v.As<Napi::BigInt>().Int64Value(&lossless);
+        if (!lossless) throw MakeError(env, where + ": bigint does not fit in int64", "E_INVALID_ARGUMENT");
+        return c10::IValue(static_cast<double>(i));
       }
       if (!v.IsNumber()) Mismatch(env, v, type, where);
-      return c10::IValue(v.As<Napi::Number>().DoubleValue());
+      // No method of ours takes NaN or an infinity as a setting: they would only spread into the outputs.
+      double d = v.As<Napi::Number>().DoubleValue();
+      if (!std::isfinite(d)) Mismatch(env, v, type, where, " (not a finite number)");
+      return c10::IValue(d);
     }
     case c10::TypeKind::NumberType: {
       if (!v.IsNumber() && !v.IsBigInt()) Mismatch(env, v, type, where);
@@ -125,6 +144,9 @@ c10::IValue ToIValue(Napi::Env env, const Napi::Value& v, const c10::TypePtr& ty
       if (!v.IsArray()) Mismatch(env, v, type, where);
       const c10::TypePtr& elem = type->expect<c10::ListType>()->getElementType();
       Napi::Array a = v.As<Napi::Array>();
+      if (a.Length() > kMaxListLength)
+        throw MakeError(env, where + ": a list of " + std::to_string(a.Length()) + " elements is longer than the " +
+                        std::to_string(kMaxListLength) + " accepted", "E_LIMIT_EXCEEDED");
       c10::impl::GenericList list(elem);
       list.reserve(a.Length());
       for (uint32_t i = 0; i < a.Length(); ++i)
@@ -275,7 +297,9 @@ std::vector<c10::IValue> ArgsToStack(Napi::Env env, const c10::FunctionSchema& s
       try {
         stack.push_back(ToIValue(env, args.Get(static_cast<uint32_t>(i)), a.type(), where));
       } catch (const Napi::Error& e) {
-        throw MakeError(env, e.Message() + "; expected " + Signature(schema), "E_INVALID_ARGUMENT");
+        Napi::Value code = e.Value().Get("code");
+        std::string c = code.IsString() ? code.As<Napi::String>().Utf8Value() : "E_INVALID_ARGUMENT";
+        throw MakeError(env, e.Message() + "; expected " + Signature(schema), c.c_str());
       }
     } else {
       stack.push_back(*a.default_value());

@@ -18,6 +18,7 @@ namespace {
 constexpr std::size_t kAlign = 64;                // c10's gAlignment on x86-64
 constexpr std::size_t kHeader = kAlign;           // block size stored in front of the data
 constexpr std::size_t kMinBlock = std::size_t{1} << 20;  // smaller requests are not cached
+constexpr std::size_t kMaxRequest = std::size_t{1} << 56;  // larger ones fail as out of memory
 
 // Size class: round up to a multiple of 1/8 of the request's power of two (at most 12.5% waste).
 std::size_t SizeClass(std::size_t n) {
@@ -83,9 +84,11 @@ class CachingCpuAllocator final : public c10::Allocator {
   // oneDNN's allocator hook calls on raw_allocate'd memory) can tell them apart.
   c10::DataPtr Allocate(std::size_t n) const {
     void* base = nullptr;
+    // No size class or header arithmetic may wrap around (a wrapped size would hand out a tiny block).
+    TORCH_CHECK_WITH(OutOfMemoryError, n <= kMaxRequest, "diffusion-features CPU allocator: out of memory allocating ", n, " bytes");
     if (n < kMinBlock) {
       if (posix_memalign(&base, kAlign, n + kHeader) != 0 || base == nullptr) {
-        TORCH_CHECK(false, "diffusion-features CPU allocator: out of memory allocating ", n, " bytes");
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "diffusion-features CPU allocator: out of memory allocating ", n, " bytes");
       }
       *static_cast<std::size_t*>(base) = 0;  // 0: not a cached size class
       void* data = static_cast<char*>(base) + kHeader;
@@ -111,7 +114,7 @@ class CachingCpuAllocator final : public c10::Allocator {
           std::lock_guard<std::mutex> lock(mu_);
           in_use_ -= size;
         }
-        TORCH_CHECK(false, "diffusion-features CPU allocator: out of memory allocating ", n, " bytes");
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "diffusion-features CPU allocator: out of memory allocating ", n, " bytes");
       }
       *static_cast<std::size_t*>(base) = size;
     }
@@ -151,15 +154,23 @@ class CachingCpuAllocator final : public c10::Allocator {
 
 CachingCpuAllocator* CachingCpuAllocator::instance = nullptr;
 
+void InstallOnce();
+
 }  // namespace
 
 void InstallCpuCache() {
-  if (CachingCpuAllocator::instance != nullptr) return;
+  // Each env (main thread, every Worker) calls this from its own thread.
+  static std::once_flag once;
+  std::call_once(once, InstallOnce);
+}
+
+namespace {
+void InstallOnce() {
   std::size_t limit_mb = 4096;
   if (const char* e = std::getenv("DIFFUSION_FEATURES_CPU_CACHE_MB")) {
     char* end = nullptr;
     const unsigned long long v = std::strtoull(e, &end, 10);
-    if (end != e && *end == '\0') limit_mb = static_cast<std::size_t>(v);
+    if (end != e && *end == '\0') limit_mb = static_cast<std::size_t>(v > (1ULL << 30) ? (1ULL << 30) : v);
   }
   if (limit_mb == 0) return;
   // libtorch keeps a raw pointer to the CPU allocator for the life of the process and tensors may be
@@ -168,6 +179,7 @@ void InstallCpuCache() {
   CachingCpuAllocator::instance = alloc;
   c10::SetCPUAllocator(alloc, /*priority=*/100);
 }
+}  // namespace
 
 CpuCacheStats CpuCacheInfo() {
   if (CachingCpuAllocator::instance == nullptr) return {};

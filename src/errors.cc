@@ -1,5 +1,6 @@
 #include "errors.h"
 
+#include <new>
 #include <sstream>
 #include <vector>
 
@@ -64,6 +65,18 @@ std::string CleanMessage(const std::string& raw) {
 std::string CleanMessage(const std::exception& e) {
   if (auto* ce = dynamic_cast<const c10::Error*>(&e)) return CleanMessage(std::string(ce->what_without_backtrace()));
   return CleanMessage(std::string(e.what()));
+}
+
+const char* ErrorCodeOf(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) return "E_OUT_OF_MEMORY";
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr) return "E_OUT_OF_MEMORY";
+  if (dynamic_cast<const c10::Error*>(&e) != nullptr) {
+    const std::string msg = static_cast<const c10::Error&>(e).what_without_backtrace();
+    // DefaultCPUAllocator: "not enough memory: you tried to allocate ..."; ours: "out of memory allocating".
+    if (msg.find("not enough memory") != std::string::npos || msg.find("CPU allocator: out of memory") != std::string::npos)
+      return "E_OUT_OF_MEMORY";
+  }
+  return "E_TORCH";
 }
 
 Napi::Error MakeError(Napi::Env env, const std::string& message, const char* code) {

@@ -13,6 +13,10 @@ namespace df {
 std::string CleanMessage(const std::exception& e);
 std::string CleanMessage(const std::string& raw);
 
+// The error code for a C++ exception: E_OUT_OF_MEMORY for an allocation failure (std::bad_alloc,
+// c10::OutOfMemoryError (CUDA), libtorch's CPU allocator's "not enough memory"), else E_TORCH.
+const char* ErrorCodeOf(const std::exception& e);
+
 // A JS Error with `message` and `code` = 'E_TORCH' (or the given code).
 Napi::Error MakeError(Napi::Env env, const std::string& message, const char* code = "E_TORCH");
 
@@ -25,7 +29,7 @@ auto Guard(Napi::Env env, const char* context, F&& fn) -> decltype(fn()) {
   } catch (const Napi::Error&) {
     throw;
   } catch (const std::exception& e) {
-    throw MakeError(env, std::string(context) + ": " + CleanMessage(e));
+    throw MakeError(env, std::string(context) + ": " + CleanMessage(e), ErrorCodeOf(e));
   }
 }
 

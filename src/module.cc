@@ -62,6 +62,7 @@ Napi::Value ModuleWrap::Load(const Napi::CallbackInfo& info) {
   c10::Device device = ParseDevice(env, info[1].As<Napi::String>().Utf8Value());
   std::optional<c10::ScalarType> dtype;
   if (info.Length() > 2 && info[2].IsString()) dtype = ParseDType(env, info[2].As<Napi::String>().Utf8Value());
+  std::shared_ptr<CancelFlag> cancel = info.Length() > 3 ? CancelFlagOf(env, info[3]) : nullptr;
   auto out = std::make_shared<std::shared_ptr<ModuleState>>();
   size_t executor = NextExecutor();
   return PromiseWorker::Run(
@@ -90,7 +91,7 @@ Napi::Value ModuleWrap::Load(const Napi::CallbackInfo& info) {
         Napi::External<std::shared_ptr<ModuleState>> ext = Napi::External<std::shared_ptr<ModuleState>>::New(env, &holder);
         return Data(env).moduleCtor.New({ext});
       },
-      Grad::kNoGrad, executor);
+      Grad::kNoGrad, executor, std::move(cancel));
 }
 
 Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
@@ -113,8 +114,12 @@ Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
   try {
     stack = std::make_shared<std::vector<c10::IValue>>(ArgsToStack(env, schema, info[1].As<Napi::Array>()));
   } catch (const Napi::Error& e) {
-    throw MakeError(env, file + ": " + e.Message(), "E_INVALID_ARGUMENT");
+    Napi::Value code = e.Value().Get("code");
+    throw MakeError(env, file + ": " + e.Message(), code.IsString() ? code.As<Napi::String>().Utf8Value().c_str() : "E_INVALID_ARGUMENT");
+  } catch (const std::exception& e) {
+    throw MakeError(env, file + ": " + name + "(): " + CleanMessage(e), ErrorCodeOf(e));
   }
+  std::shared_ptr<CancelFlag> cancel = info.Length() > 2 ? CancelFlagOf(env, info[2]) : nullptr;
   auto result = std::make_shared<c10::IValue>();
   torch::jit::Method m = *method;
   return PromiseWorker::Run(
@@ -128,7 +133,7 @@ Napi::Value ModuleWrap::Call(const Napi::CallbackInfo& info) {
         *result = c10::IValue();
         return v;
       },
-      Grad::kInference, st->executor);
+      Grad::kInference, st->executor, std::move(cancel));
 }
 
 Napi::Value ModuleWrap::Methods(const Napi::CallbackInfo& info) {

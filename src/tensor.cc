@@ -1,5 +1,6 @@
 #include "tensor.h"
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -52,6 +53,12 @@ c10::Device ParseDevice(Napi::Env env, const std::string& name) {
   }
 }
 
+static std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 static std::vector<int64_t> ParseShape(Napi::Env env, const Napi::Value& v) {
   if (!v.IsArray()) throw MakeError(env, "shape must be an array of non-negative integers", "E_INVALID_ARGUMENT");
   Napi::Array a = v.As<Napi::Array>();
@@ -60,10 +67,17 @@ static std::vector<int64_t> ParseShape(Napi::Env env, const Napi::Value& v) {
   for (uint32_t i = 0; i < a.Length(); ++i) {
     Napi::Value e = a.Get(i);
     double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
-    if (d < 0 || d != static_cast<double>(static_cast<int64_t>(d)))
+    // (range first: casting a double beyond int64 to an integer is undefined behaviour)
+    if (!(d >= 0 && d <= 9007199254740991.0) || std::floor(d) != d)
       throw MakeError(env, "shape must be an array of non-negative integers (bad entry at " + std::to_string(i) + ")",
                       "E_INVALID_ARGUMENT");
     shape.push_back(static_cast<int64_t>(d));
+  }
+  if (shape.size() > 64) throw MakeError(env, "shape has more than 64 dimensions", "E_INVALID_ARGUMENT");
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    if (__builtin_mul_overflow(numel, s, &numel) || numel > (int64_t{1} << 56))
+      throw MakeError(env, "shape " + ShapeString(shape) + " has more elements than can be allocated", "E_OUT_OF_MEMORY");
   }
   return shape;
 }
@@ -157,13 +171,10 @@ Napi::Value TensorWrap::FromTypedArray(const Napi::CallbackInfo& info) {
   if (ta.TypedArrayType() != want && !(want == napi_uint8_array && ta.TypedArrayType() == napi_uint8_clamped_array))
     throw MakeError(env, "fromTypedArray: typed array kind does not match dtype " + DTypeName(dt), "E_INVALID_ARGUMENT");
   int64_t numel = 1;
-  for (int64_t s : shape) numel *= s;
+  for (int64_t s : shape) numel *= s;  // cannot overflow: checked by ParseShape
   if (static_cast<int64_t>(ta.ElementLength()) != numel) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    s += "]";
-    throw MakeError(env, "data has " + std::to_string(ta.ElementLength()) + " elements but shape " + s + " needs " +
-                    std::to_string(numel), "E_INVALID_ARGUMENT");
+    throw MakeError(env, "data has " + std::to_string(ta.ElementLength()) + " elements but shape " + ShapeString(shape) +
+                    " needs " + std::to_string(numel), "E_INVALID_ARGUMENT");
   }
   at::Tensor t = Guard(env, "Tensor.from", [&] {
     c10::InferenceMode guard;
