@@ -45,12 +45,11 @@ function advice(found, prebuilt) {
     lines.push('No libtorch found. Get one in any of these ways (' + have + '):');
     for (const l of getLibtorchLines()) lines.push(`  - ${l}`);
     lines.push('Then load again (no reinstall is needed when a prebuilt binary matches), or');
-    for (const l of buildLines()) lines.push(`  ${l}`);
   } else {
     lines.push(`No binary loads with the libtorch found (${have}). Either:`);
     lines.push('  - make a matching libtorch the one found first (LIBTORCH, Torch_DIR, PYTHON, python3 on PATH, then the system), or');
-    for (const l of buildLines()) lines.push(`  - ${l.trim()}`);
   }
+  buildLines().forEach((l, i) => lines.push(i === 0 ? `  - ${l}` : `  ${l}`));
   return lines.join('\n');
 }
 

@@ -18,7 +18,7 @@
  *    verdict is cached on disk (binding/libtorch.cjs cacheDir()), keyed by the binary's and the libtorch's
  *    identity (path, size, mtime) and Node's major version, so the ~0.5 s check runs once, not on every start.
  *    DIFFUSION_FEATURES_SKIP_LOAD_CHECK=1 skips it.
- * 4. libtorch is loaded from the folder found (c10, torch_cpu, [c10_cuda, torch_cuda], torch; RTLD_GLOBAL,
+ * 4. libtorch is loaded from the folder found ([torch_global_deps,] c10, torch_cpu, [c10_cuda, torch_cuda], torch; RTLD_GLOBAL,
  *    RTLD_NODELETE), then the addon: its NEEDED entries resolve to the libraries already loaded, so no binary
  *    needs an RPATH or LD_LIBRARY_PATH.
  * Nothing found: a NativeLoadError (code E_NATIVE_LOAD) listing everything tried and how to fix it.
@@ -106,13 +106,22 @@ function prebuilds() {
   return list;
 }
 
-/** The libtorch a local build should load: the one found when it is the same version/variant, else the one it was built against. */
-function libtorchForLocal(file, found) {
+/**
+ * A local build (or $DIFFUSION_FEATURES_BINARY) as a candidate. CMake writes `<name>.libtorch.json` beside
+ * it (the libtorch it was built against): with no libtorch found, that one is loaded; with another version
+ * or variant found, the candidate is skipped with the reason (two libtorch builds cannot share a process).
+ */
+function localCandidate(file, kind, why, found) {
   const side = libtorch.readJson(file.replace(/\.node$/, '.libtorch.json'));
-  if (!side || !side.libDir) return found;
+  if (!side || !side.libDir) return { file, kind, libtorch: found, why };
+  if (!found) return { file, kind, libtorch: libtorch.describe(side.libDir, `the libtorch ${path.basename(file)} was built against`, null), why };
   const short = (/^(\d+\.\d+)/.exec(side.torchVersion || '') || [])[1];
-  if (found && short === found.short && !!side.cuda === (found.variant !== 'cpu')) return found;
-  return libtorch.describe(side.libDir, `the libtorch ${path.basename(file)} was built against`, null) || found;
+  if (short === found.short && !!side.cuda === (found.variant !== 'cpu')) return { file, kind, libtorch: found, why };
+  return {
+    file, kind, libtorch: null, why,
+    skip: `built for libtorch ${side.torchVersion} ${side.cuda ? 'CUDA' : 'CPU'} (${side.libDir}), found libtorch ${found.version} ` +
+      `${variantLabel(found.variant)}: rebuild it (\`npm rebuild diffusion-features\`), or make that libtorch the one found`,
+  };
 }
 
 /**
@@ -124,7 +133,7 @@ function plan(found = libtorch.locate().found) {
   const skipped = [];
   if (process.env.DIFFUSION_FEATURES_BINARY) {
     const file = path.resolve(process.env.DIFFUSION_FEATURES_BINARY);
-    list.push({ file, kind: 'env', libtorch: libtorchForLocal(file, found), why: 'DIFFUSION_FEATURES_BINARY' });
+    list.push(localCandidate(file, 'env', 'DIFFUSION_FEATURES_BINARY', found));
   }
   const hasLocal = fs.existsSync(LOCAL_BUILD);
   let current;
@@ -152,7 +161,7 @@ function plan(found = libtorch.locate().found) {
     }
     list.push(c);
   }
-  if (hasLocal) list.push({ file: LOCAL_BUILD, kind: 'local', libtorch: libtorchForLocal(LOCAL_BUILD, found), why: 'local build' });
+  if (hasLocal) list.push(localCandidate(LOCAL_BUILD, 'local', 'local build', found));
   list.push(...stale);
   const seen = new Set();
   return { list: list.filter((c) => !seen.has(c.file) && seen.add(c.file)), skipped };
@@ -174,7 +183,7 @@ const RTLD_NODELETE = process.platform === 'linux' ? 0x1000 : 0;
 function preload(libs) {
   if (!libs) return;
   const { RTLD_LAZY, RTLD_GLOBAL } = os.constants.dlopen;
-  for (const n of ['c10', 'torch_cpu', 'c10_cuda', 'torch_cuda', 'torch']) {
+  for (const n of ['torch_global_deps', 'c10', 'torch_cpu', 'c10_cuda', 'torch_cuda', 'torch']) {
     if (!libs[n]) continue;
     try {
       process.dlopen({ exports: {} }, libs[n], RTLD_LAZY | RTLD_GLOBAL | RTLD_NODELETE);
@@ -276,6 +285,10 @@ function load() {
   for (const c of list) {
     if (!fs.existsSync(c.file)) {
       reasons.push(`${c.file} (${c.why}): no such file`);
+      continue;
+    }
+    if (c.skip) {
+      reasons.push(`${path.relative(root, c.file) || c.file} (${c.why}): ${c.skip}`);
       continue;
     }
     if (!c.libtorch) {

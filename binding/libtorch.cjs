@@ -129,6 +129,12 @@ function describe(libDir, via, prefix) {
     const f = findLib(libDir, n);
     if (f) libs[n] = f;
   }
+  // A CUDA torch's libtorch_global_deps pulls in the CUDA libraries (cublas, cudnn…) with RTLD_GLOBAL, as
+  // `import torch` does first; the loader does the same.
+  if (libs.torch_cuda) {
+    const deps = findLib(libDir, 'torch_global_deps');
+    if (deps) libs.torch_global_deps = deps;
+  }
   const top = prefix || path.dirname(libDir);
   let version = null;
   let cuda = null;

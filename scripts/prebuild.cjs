@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 'use strict';
 /**
- * `npm run prebuilds [-- --cpu|--cuda] [-- --from FILE]`: makes the prebuilt binary for the libtorch found
+ * `npm run prebuilds [-- --cpu|--cuda] [-- --from FILE [--source-dir DIR]]`: makes the prebuilt binary for the libtorch found
  * here (binding/libtorch.cjs order) and puts it in prebuildify's layout, named so the loader can pick it:
  *
  *   prebuilds/linux-x64/diffusion-features.torch-<major.minor>.<variant>.napi.node
@@ -28,13 +28,17 @@ const args = process.argv.slice(2);
 const want = args.includes('--cuda') ? 'cuda' : args.includes('--cpu') ? 'cpu' : null;
 const fromIdx = args.indexOf('--from');
 const from = fromIdx >= 0 ? path.resolve(args[fromIdx + 1] || '') : null;
+// --source-dir DIR: the sources --from FILE was built from, when not this checkout's (e.g. `git archive HEAD`
+// of a checkout whose working tree has uncommitted C++ changes), so sourceHash names what a clean clone has.
+const srcIdx = args.indexOf('--source-dir');
+const sourceDir = srcIdx >= 0 ? path.resolve(args[srcIdx + 1] || '') : root;
 
 function fail(msg) {
   console.error(`prebuild: ${msg}`);
   process.exit(1);
 }
 
-function newestSource() {
+function newestSource(dir) {
   let newest = 0;
   const walk = (d) => {
     for (const e of fs.readdirSync(d, { withFileTypes: true })) {
@@ -43,8 +47,8 @@ function newestSource() {
       else newest = Math.max(newest, fs.statSync(p).mtimeMs);
     }
   };
-  walk(path.join(root, 'src'));
-  return Math.max(newest, fs.statSync(path.join(root, 'CMakeLists.txt')).mtimeMs);
+  walk(path.join(dir, 'src'));
+  return Math.max(newest, fs.statSync(path.join(dir, 'CMakeLists.txt')).mtimeMs);
 }
 
 if (args.includes('--check')) {
@@ -65,7 +69,7 @@ console.log(`prebuild: ${binding.libtorch.label(found)}`);
 let built = from;
 if (from) {
   if (!fs.existsSync(from)) fail(`${from} does not exist`);
-  if (fs.statSync(from).mtimeMs < newestSource()) fail(`${from} is older than the sources in src/ or CMakeLists.txt; build it again first`);
+  if (fs.statSync(from).mtimeMs < newestSource(sourceDir)) fail(`${from} is older than the sources in src/ or CMakeLists.txt; build it again first`);
 } else {
   const r = buildAddon({ outDir: 'build-prebuild', lt: found });
   if (!r.ok) fail(`the build failed\n${r.log}`);
@@ -108,7 +112,7 @@ const meta = {
   variant,
   cudaVersion: found.cudaVersion,
   napi: (v.info && v.info.napiVersion) || 8,
-  sourceHash: binding.sourceHash(),
+  sourceHash: binding.sourceHash(sourceDir),
   sha256: crypto.createHash('sha256').update(bytes).digest('hex'),
   size: bytes.length,
 };

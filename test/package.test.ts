@@ -1,9 +1,12 @@
 /**
  * The built package works for both kinds of consumers: CommonJS `require` and ESM `import` of
- * dist/, each extracting features with the bundled model in a fresh process.
+ * dist/, each extracting features with the bundled model in a fresh process, sharing one set of classes;
+ * `demo` runs without Python or a compiler; the committed bundled model is up to date.
+ * (The packed tarball installed into a fresh project is checked by .ci/run.)
  */
 import test from 'ava';
-import { execFile } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile, symlink, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -54,4 +57,69 @@ test('the package exports its typings for both', async (t) => {
   const pkg = (await import('../package.json', { with: { type: 'json' } })).default;
   t.is(pkg.exports['.'].import.types, './dist/index.d.ts');
   t.is(pkg.exports['.'].require.types, './dist/index.d.cts');
+});
+
+test('one set of classes: a Tensor or error made through require() is an instance of the imported class', async (t) => {
+  const file = join(dir, 'both.mjs');
+  await writeFile(file, `
+    import * as esm from 'diffusion-features';
+    import { createRequire } from 'node:module';
+    const cjs = createRequire(import.meta.url)('diffusion-features');
+    const names = Object.keys(cjs).filter((k) => typeof cjs[k] === 'function' && /^[A-Z]/.test(k));
+    const same = names.filter((k) => esm[k] === cjs[k]);
+    const tensor = cjs.Tensor.fromFloat32Array(new Float32Array([1, 2, 3]), [3]);
+    let thrown;
+    try { cjs.readModelJson('/nonexistent-df-weights'); } catch (e) { thrown = e; }
+    console.log(JSON.stringify({
+      names: names.length, same: same.length,
+      tensor: tensor instanceof esm.Tensor,
+      error: thrown instanceof esm.FileNotFoundError && thrown instanceof esm.DiffusionFeaturesError && thrown.code === 'E_FILE_NOT_FOUND',
+      made: new esm.InvalidArgumentError('x') instanceof cjs.DiffusionFeaturesError,
+    }));
+    tensor.dispose();
+  `);
+  const { stdout } = await run(process.execPath, [file], { cwd: dir });
+  const r = JSON.parse(stdout);
+  t.true(r.names > 10, `${r.names} classes exported`);
+  t.is(r.same, r.names, 'every class is the same object through import and require');
+  t.true(r.tensor);
+  t.true(r.error);
+  t.true(r.made);
+});
+
+test('--version prints the package version', async (t) => {
+  const pkg = (await import('../package.json', { with: { type: 'json' } })).default;
+  const { stdout } = await run(process.execPath, [join(ROOT, 'dist', 'cli.js'), '--version']);
+  t.is(stdout.trim(), pkg.version);
+});
+
+test('demo needs no Python and no compiler: the bundled model ships exported', async (t) => {
+  const bin = join(dir, 'nodebin');
+  await mkdir(bin);
+  await symlink(process.execPath, join(bin, 'node'));
+  const out = join(dir, 'demo-out');
+  const env: NodeJS.ProcessEnv = { ...process.env, PATH: bin, DIFFUSION_FEATURES_NO_PYTHON: '1', DIFFUSION_FEATURES_CACHE_DIR: join(dir, 'cache') };
+  delete env.PYTHON;
+  const { stdout } = await run(process.execPath, [join(ROOT, 'dist', 'cli.js'), 'demo', '--out', out, '--device', 'cpu'], { cwd: dir, env });
+  t.regex(stdout, /written to .*astronaut\.safetensors/);
+  t.true(existsSync(join(out, 'astronaut.safetensors')));
+});
+
+test('models/micro is the reproducible export of models/micro-src (npm run models:micro)', async (t) => {
+  const model = JSON.parse(readFileSync(join(ROOT, 'models', 'micro', 'model.json'), 'utf8')) as { torch_version: string };
+  const py = spawnSync(process.execPath, [join(ROOT, 'scripts', 'python.cjs'), '-c', 'import torch; print(torch.__version__)'], { encoding: 'utf8' });
+  if (py.status !== 0) return t.pass('no Python with torch here: not checked');
+  if (py.stdout.trim() !== model.torch_version) {
+    return t.pass(`models/micro was exported with torch ${model.torch_version}, this Python has ${py.stdout.trim()}: bytes not comparable`);
+  }
+  const out = join(dir, 'micro-check');
+  // the same command as `npm run models:micro` (PYTHONHASHSEED=0: TorchScript writes module constants in set order)
+  const r = spawnSync(process.execPath, [join(ROOT, 'scripts', 'python.cjs'), 'weights/export.py', '--from', 'models/micro-src', '--out', out, '--dtype', 'float16'],
+    { cwd: ROOT, encoding: 'utf8', env: { ...process.env, PYTHONHASHSEED: '0' } });
+  t.is(r.status, 0, r.stderr);
+  const committed = readdirSync(join(ROOT, 'models', 'micro')).sort();
+  t.deepEqual(readdirSync(out).sort(), committed);
+  for (const f of committed) {
+    t.true(readFileSync(join(out, f)).equals(readFileSync(join(ROOT, 'models', 'micro', f))), `models/micro/${f} is stale: run npm run models:micro`);
+  }
 });
