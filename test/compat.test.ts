@@ -3,6 +3,9 @@
  * module is loaded; everything that can work passes.
  */
 import test from 'ava';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { checkModelCompat, parseTorchVersion } from '../lib/compat.js';
 import { DiffusionFeaturesError, IncompatibleModelError } from '../lib/errors.js';
 
@@ -39,4 +42,26 @@ test('an unknown model.json format or a too-old libtorch is E_INCOMPATIBLE_MODEL
   t.throws(() => checkModelCompat(model('1.13.0', 2), '1.13.0'), { instanceOf: IncompatibleModelError, message: /format_version 2/ });
   t.throws(() => checkModelCompat({ torch_version: '1.13.0' }, '1.13.0'), { instanceOf: IncompatibleModelError, message: /format_version undefined/ });
   t.throws(() => checkModelCompat(model('1.12.0'), '1.12.1'), { instanceOf: IncompatibleModelError, message: /older than 1\.13/ });
+});
+
+test('loadPipeline refuses a weights folder exported by a newer torch major than the loaded libtorch, before loading a module', async (t) => {
+  const { libtorchVersion } = await import('../lib/native.js');
+  const { loadPipeline } = await import('../lib/pipeline/index.js');
+  const major = parseTorchVersion(libtorchVersion())![0];
+  const micro = join(import.meta.dirname, '..', 'models', 'micro');
+  const dir = mkdtempSync(join(tmpdir(), 'df-compat-'));
+  try {
+    for (const f of readdirSync(micro)) if (f !== 'model.json') symlinkSync(join(micro, f), join(dir, f));
+    const json = JSON.parse(readFileSync(join(micro, 'model.json'), 'utf8'));
+    writeFileSync(join(dir, 'model.json'), JSON.stringify({ ...json, torch_version: `${major + 1}.0.0+cu130` }));
+    const err = await t.throwsAsync(loadPipeline(dir, { device: 'cpu' }), { instanceOf: IncompatibleModelError });
+    t.is((err as DiffusionFeaturesError).code, 'E_INCOMPATIBLE_MODEL');
+    t.regex(err!.message, new RegExp(`exported with torch ${major + 1}\\.0\\.0\\+cu130, which libtorch .* cannot run`));
+    // the same folder with the torch version it really has loads
+    writeFileSync(join(dir, 'model.json'), JSON.stringify(json));
+    const pipe = await loadPipeline(dir, { device: 'cpu' });
+    pipe.dispose();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
