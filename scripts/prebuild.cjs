@@ -18,6 +18,7 @@
  * is current (exit 1 if one is stale).
  */
 const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const crypto = require('node:crypto');
 const { spawnSync } = require('node:child_process');
@@ -82,7 +83,10 @@ const name = `diffusion-features.torch-${found.short}.${variant}.napi.node`;
 const destDir = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
 fs.mkdirSync(destDir, { recursive: true });
 const dest = path.join(destDir, name);
-const tmp = `${dest}.${process.pid}.tmp`;
+// stripped and test-loaded outside the package (require() needs the .node extension), then moved in atomically
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'df-prebuild-'));
+process.on('exit', () => fs.rmSync(work, { recursive: true, force: true }));
+const tmp = path.join(work, name);
 fs.copyFileSync(built, tmp);
 const strip = spawnSync('strip', ['--strip-unneeded', tmp], { stdio: 'inherit' });
 if (strip.status !== 0) console.warn('prebuild: strip failed or is missing; the binary is not stripped');
@@ -116,7 +120,8 @@ const meta = {
   sha256: crypto.createHash('sha256').update(bytes).digest('hex'),
   size: bytes.length,
 };
-fs.renameSync(tmp, dest);
+fs.copyFileSync(tmp, `${dest}.tmp`);
+fs.renameSync(`${dest}.tmp`, dest);
 fs.writeFileSync(`${dest}.json.tmp`, `${JSON.stringify(meta, null, 2)}\n`);
 fs.renameSync(`${dest}.json.tmp`, `${dest}.json`);
 console.log(`prebuild: wrote ${path.relative(root, dest)} (${(bytes.length / 1e6).toFixed(2)} MB, ${variant}, libtorch ${found.version}, ` +
