@@ -256,6 +256,7 @@ export async function readRecordedSettings(path: string): Promise<Record<string,
     if (rec.format !== 'diffusion-features') return undefined;
     const out: Record<string, string> = {};
     for (const [k, v] of Object.entries(rec)) if (typeof v === 'string') out[k] = v;
+    out.packaged ??= (await readdir(path)).includes('packaged.npy') ? 'true' : 'false';
     return out;
   }
   return undefined;

@@ -16,7 +16,7 @@ import type { ExtractOptions, ImageFeatures, ImageInput, Progress } from './pipe
 import { engineOf, type Pipeline } from './pipeline/facade.js';
 import { defaultSize } from './pipeline/model-json.js';
 import type { Plan } from './pipeline/plan.js';
-import type { BatchContext } from './pipeline/engine.js';
+import type { BatchContext } from './pipeline/batch.js';
 import type { LoraSpec } from './lora/parse.js';
 import { loadOps } from './ops.js';
 
@@ -303,5 +303,5 @@ export async function extractRecipe(
     } finally {
       await pipeline.lora.applyNow([], {});
     }
-  }, opts.signal);
+  }, opts.signal instanceof AbortSignal ? opts.signal : undefined);
 }

@@ -122,7 +122,7 @@ export function decodeNpy(buf: Uint8Array, source = '<buffer>'): NpyArray {
   const descr = /'descr':\s*'([^']+)'/.exec(text)?.[1];
   const fortran = /'fortran_order':\s*(True|False)/.exec(text)?.[1];
   const shapeText = /'shape':\s*\(([^)]*)\)/.exec(text)?.[1];
-  if (descr === undefined || fortran === undefined || shapeText === undefined) return bad(`unparseable header ${JSON.stringify(text)}`);
+  if (descr === undefined || fortran === undefined || shapeText === undefined) return bad(`unparseable header ${JSON.stringify(text.slice(0, 120))}${text.length > 120 ? ` (${text.length} characters)` : ''}`);
   if (fortran === 'True') bad('Fortran-order arrays are not supported');
   const shape = shapeText.split(',').map((s) => s.trim()).filter((s) => s.length > 0).map(Number);
   if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) bad(`invalid shape (${shapeText})`);

@@ -14,13 +14,13 @@
  *
  * @module
  */
-import { closeSync, openSync, readSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { writeFileAtomic } from './atomic.js';
 import { bfloat16BitsToFloat32, float16BitsToFloat32 } from './half.js';
 import { endianness } from 'node:os';
 import {
-  FileNotFoundError, InvalidArgumentError, InvalidFileError, NotFoundError,
+  InvalidArgumentError, InvalidFileError, NotFoundError, fileError,
 } from '../errors.js';
 
 export { float16BitsToFloat32, bfloat16BitsToFloat32, float32ToFloat16Bits, float32ToBfloat16Bits } from './half.js';
@@ -187,10 +187,11 @@ export class SafetensorsFile {
   static async open(path: string): Promise<SafetensorsFile> {
     let fh;
     try {
-      fh = await open(path, 'r');
+      // non-blocking open: a FIFO must not block us (it is then refused by the fstat below)
+      fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
     } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      throw new FileNotFoundError(path, code === 'ENOENT' ? 'file not found' : `cannot open (${code ?? String(e)})`, { cause: e });
+      // ENOENT → E_FILE_NOT_FOUND; EACCES/EPERM/EISDIR… → E_FILE_ACCESS
+      throw fileError(path, e, 'file');
     }
     try {
       const st = await fh.stat();

@@ -154,7 +154,7 @@ export class Pipeline {
         results.forEach((r) => r.dispose());
         throw err;
       }
-    }, options?.signal);
+    }, options?.signal instanceof AbortSignal ? options.signal : undefined); // a non-signal is refused by plan()
   }
 
   /** Releases every model and cached tensor. Further calls reject. */
