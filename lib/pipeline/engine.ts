@@ -18,52 +18,23 @@
  * @module
  */
 import { existsSync } from 'node:fs';
-import { basename, extname, join } from 'node:path';
+import { join } from 'node:path';
 import { Tensor, ScriptModule, type Device, type DType, type IValue } from '../native.js';
 import type { ClipTokenizer } from '../tokenizer.js';
 import { loadImage } from '../image.js';
 import { sortForwardOrder } from '../layers.js';
-import { AbortError, DiffusionFeaturesError, IncompatibleModelError, InvalidArgumentError, InvalidFileError, UnknownLayerError, throwIfAborted } from '../errors.js';
+import { IncompatibleModelError, InvalidArgumentError, InvalidFileError, UnknownLayerError, throwIfAborted } from '../errors.js';
 import { LoraManager } from '../lora/manager.js';
 import { PLMS_START, type Ops } from '../ops.js';
 import type { ModelJson } from './model-json.js';
 import { planVariant, type Plan } from './plan.js';
+import { CallQueue } from './queue.js';
+import { Scope, imageName, streamSeed, type BatchContext, type Variant } from './batch.js';
 import type { ExtractOptions, ImageFeatures, ImageInput, Progress } from './types.js';
 
-/** Disposes tensors at the end of a scope. */
-export class Scope {
-  private readonly items: Tensor[] = [];
-  add<T extends Tensor>(t: T): T {
-    this.items.push(t);
-    return t;
-  }
-  addAll(v: IValue): void {
-    if (v instanceof Tensor) this.items.push(v);
-    else if (Array.isArray(v)) v.forEach((x) => this.addAll(x));
-    else if (v && typeof v === 'object') Object.values(v).forEach((x) => this.addAll(x));
-  }
-  dispose(): void {
-    for (const t of this.items.splice(0)) if (!t.disposed) t.dispose();
-  }
-}
-
-/** A decoded, VAE-encoded batch, shared by every variant run on it. Dispose with `scope.dispose()`. */
-export interface BatchContext {
-  scope: Scope;
-  start: number;
-  B: number;
-  total: number;
-  names: string[];
-  u8: Tensor;
-  mean: Tensor;
-  logvar: Tensor;
-  cond: Tensor | null;
-}
-
-/** One planned variant with the options it was planned from. */
-export interface Variant {
-  plan: Plan;
-  o: ExtractOptions;
+function asTensor(v: IValue, what: string): Tensor {
+  if (!(v instanceof Tensor)) throw new InvalidFileError(what, 'expected a tensor from the model');
+  return v;
 }
 
 /** The loaded TorchScript models (the ControlNet is loaded on first use). */
@@ -74,28 +45,11 @@ export interface Modules {
   controlnet?: ScriptModule;
 }
 
-function asTensor(v: IValue, what: string): Tensor {
-  if (!(v instanceof Tensor)) throw new InvalidFileError(what, 'expected a tensor from the model');
-  return v;
-}
-
-/** Noise stream of image `index` for `kind` (0 = VAE posterior, 1 = latent): independent of batching. */
-export function streamSeed(seed: number, index: number, kind: 0 | 1): bigint {
-  return (BigInt(seed) * 1_000_003n + BigInt(index) * 2n + BigInt(kind)) & 0x7fff_ffff_ffff_ffffn;
-}
-
-/** The name of an image input: file basename without extension, the given name, or `image<index>`. */
-export function imageName(input: ImageInput, index: number): string {
-  if (typeof input === 'string') return basename(input, extname(input));
-  if (input instanceof Uint8Array) return `image${index}`;
-  return input.name;
-}
-
 /** The models of one weights folder and the stages that run them. */
 export class Engine {
   readonly lora: LoraManager;
   private readonly promptCache = new Map<string, Tensor>();
-  private queue: Promise<unknown> = Promise.resolve();
+  private readonly calls = new CallQueue(() => this.disposedFlag);
   private disposedFlag = false;
 
   constructor(
@@ -114,30 +68,9 @@ export class Engine {
     return this.disposedFlag;
   }
 
-  /** Runs `fn` in the call queue: calls on one pipeline run one after the other. */
+  /** Runs `fn` in the call queue (see {@link CallQueue.run}): calls on one pipeline run one after the other. */
   run<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    if (this.disposedFlag) return Promise.reject(new DiffusionFeaturesError('E_DISPOSED', 'pipeline has been disposed'));
-    if (signal?.aborted) return Promise.reject(new AbortError('call aborted before it started', { cause: signal.reason }));
-    let abortedWhileQueued = false;
-    const turn = (): Promise<T> => {
-      if (abortedWhileQueued || signal?.aborted) return Promise.reject(new AbortError('call aborted before it started', { cause: signal?.reason }));
-      if (this.disposedFlag) return Promise.reject(new DiffusionFeaturesError('E_DISPOSED', 'pipeline has been disposed'));
-      signal?.removeEventListener('abort', onAbort);
-      return fn();
-    };
-    const run = this.queue.then(turn, turn);
-    this.queue = run.catch(() => undefined);
-    if (!signal) return run;
-    // a call still waiting for its turn rejects as soon as its signal aborts (its turn is then skipped)
-    let rejectNow: (e: unknown) => void = () => undefined;
-    const early = new Promise<never>((_, reject) => (rejectNow = reject));
-    const onAbort = (): void => {
-      abortedWhileQueued = true;
-      rejectNow(new AbortError('call aborted while waiting in the queue', { cause: signal.reason }));
-    };
-    signal.addEventListener('abort', onAbort, { once: true });
-    run.then(() => signal.removeEventListener('abort', onAbort), () => signal.removeEventListener('abort', onAbort));
-    return Promise.race([run, early]);
+    return this.calls.run(fn, signal);
   }
 
   /** Validates `o` and resolves it into a {@link Plan} for this model and LoRA state. */
