@@ -26,7 +26,7 @@ import { Tensor, type Device } from '../native.js';
 import { DiffusionFeaturesError, isDiffusionFeaturesError } from '../errors.js';
 import { loadPipeline, type Pipeline, type ExtractOptions, type ImageFeatures, type ImageInput } from '../pipeline/index.js';
 import { engineOf } from '../pipeline/facade.js';
-import { streamSeed } from '../pipeline/engine.js';
+import { streamSeed } from '../pipeline/batch.js';
 import { readNoiseFile, writeFeatures, writeRecipeResult, featureMetadata } from '../io/features.js';
 import { writeNpy } from '../io/npy.js';
 import { outputPathFor, checkExistingOutput, cleanStaleTemps, tempPathFor, removeTemp, replaceOutputDir, SettingsMismatchError, NPY_SETTINGS_FILE } from '../outputs.js';
