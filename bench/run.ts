@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --only native,unet,pipeline,recipe,canny] [--out FILE]`
+ * `npm run bench [-- --only native,unet,pipeline,recipe,canny,heads] [--out FILE]`
  *
  * Runs the benchmarks. Each one measures this implementation against a baseline in the same run and
  * prints a table with the ratio. Results can be saved (with machine and date) under bench/results/.
@@ -15,6 +15,8 @@ const suites: Record<string, string> = {
   pipeline: './pipeline.ts',
   recipe: './recipe.ts',
   canny: './canny.ts',
+  heads: './heads.ts',
+  queue: './queue.ts',
 };
 
 const { values } = parseArgs({

@@ -464,6 +464,7 @@ program
   });
 
 (await import('./cli/queue.js')).registerQueueCommands(program); // worker, enqueue, queue-status (issue 13)
+(await import('./cli/heads.js')).registerHeadCommands(program); // train-segmenter, segment, train-amalgamation (issue 14)
 (await import('./cli/serve.js')).registerServeCommand(program); // serve (issue 13)
 (await import('./cli/export.js')).registerExportCommand(program); // export: runs weights/export.py (issue 12)
 program.parseAsync(process.argv).catch((err: unknown) => {

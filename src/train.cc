@@ -127,23 +127,33 @@ struct ProgressEvent {
   double loss = 0, best = 0, seconds = 0;
 };
 
-// A JS progress callback reached from the torch thread. Released when the fit job is destroyed.
+// A JS progress callback reached from the torch thread. Released when the fit job is destroyed. The
+// env's cleanup hook closes it first when the env goes away while the job still runs (a terminated
+// Worker): afterwards the torch thread neither calls nor releases the thread-safe function.
 class ProgressSink {
  public:
-  ProgressSink(Napi::Env env, Napi::Function fn) {
-    tsfn_ = Napi::ThreadSafeFunction::New(env, fn, "diffusion-features-train-progress", 0, 1);
-    active_ = true;
+  ProgressSink(Napi::Env env, Napi::Function fn) : shared_(std::make_shared<Shared>()) {
+    shared_->tsfn = Napi::ThreadSafeFunction::New(env, fn, "diffusion-features-train-progress", 0, 1);
+    std::shared_ptr<Shared> sh = shared_;
+    env.AddCleanupHook([sh] {
+      std::lock_guard<std::mutex> lock(sh->mu);
+      sh->closed = true;
+    });
   }
   ~ProgressSink() {
-    if (active_) tsfn_.Release();
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    if (!shared_->closed) shared_->tsfn.Release();
+    shared_->closed = true;
   }
   ProgressSink(const ProgressSink&) = delete;
   ProgressSink& operator=(const ProgressSink&) = delete;
 
   void Send(const ProgressEvent& e, std::shared_ptr<std::atomic<bool>> abort, std::shared_ptr<std::string> cbError,
             std::shared_ptr<std::mutex> cbMu) {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    if (shared_->closed) return;
     auto* data = new ProgressEvent(e);
-    napi_status s = tsfn_.NonBlockingCall(data, [abort, cbError, cbMu](Napi::Env env, Napi::Function fn, ProgressEvent* raw) {
+    napi_status s = shared_->tsfn.NonBlockingCall(data, [abort, cbError, cbMu](Napi::Env env, Napi::Function fn, ProgressEvent* raw) {
       std::unique_ptr<ProgressEvent> ev(raw);
       if (env == nullptr || fn.IsEmpty()) return;
       try {
@@ -166,8 +176,12 @@ class ProgressSink {
   }
 
  private:
-  Napi::ThreadSafeFunction tsfn_;
-  bool active_ = false;
+  struct Shared {
+    std::mutex mu;
+    bool closed = false;
+    Napi::ThreadSafeFunction tsfn;
+  };
+  std::shared_ptr<Shared> shared_;
 };
 
 struct FitOptions {

@@ -1,4 +1,4 @@
-"""GATE's amalgamation network for correspondence (GATE_SPEC §7.1, `AggregationNetwork(3520, 154)`) as a
+"""GATE's amalgamation network for correspondence (docs/method.md §Amalgamation and heads, `AggregationNetwork(3520, 154)`) as a
 TorchScript template.
 
 Input x [B, K·C + E, h, w]: K buckets of C channels, then E pass-through channels (the attention
@@ -101,6 +101,11 @@ class Amalgamation(common.HeadBase):
         """Amalgamated features [B, C+E, h, w] of x [B, K·C+E, h, w]."""
         f, _ = self._fuse(x, torch.empty(0))
         return f
+
+    @torch.jit.export
+    def amalgamate(self, x: Tensor) -> Tensor:
+        """Amalgamated feature [C+E, h, w] of one image's packed input [K·C+E, h, w]."""
+        return self.forward(x.unsqueeze(0))[0]
 
     @torch.jit.export
     def loss(self, data: List[Tensor], idx: Tensor, noise: Tensor) -> Tensor:

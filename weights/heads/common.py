@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 def walk(step: int, loss: float, u: Tensor, s: float, s_last: float, record: float, check_loss: float,
          period: int, delta: float, decay: float, accept: float) -> Tuple[float, float, float, float]:
-    """One step of the sparsity coefficient's random walk (GATE_SPEC §8.3).
+    """One step of the sparsity coefficient's random walk (docs/method.md §Amalgamation and heads).
 
     Every `period` steps: the record decays (×decay); the improvement of the loss since the last check is
     compared with it; when it beats the record (which then becomes the improvement), or at random with

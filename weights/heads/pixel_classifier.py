@@ -1,4 +1,4 @@
-"""GATE's label-scarce pixel classifier (GATE_SPEC §8.3) as a TorchScript template.
+"""GATE's label-scarce pixel classifier (docs/method.md §Amalgamation and heads) as a TorchScript template.
 
 One pixel's input vector is the concatenation of bucket features: group g has `buckets[g]` buckets of
 `channels[g]` channels each (e.g. Horse-21: 4 buckets × 3674 SD channels, and optionally a group of DDPM
@@ -100,7 +100,7 @@ class PixelClassifier(common.HeadBase):
     @torch.jit.export
     def init_rule(self, name: str) -> Tuple[str, float]:
         """How the trainer fills a freshly shaped tensor: Linear weights N(0, 0.02), biases 0,
-        BatchNorm weight 1 / bias 0, running mean 0 / var 1 (GATE_SPEC §8.3)."""
+        BatchNorm weight 1 / bias 0, running mean 0 / var 1 (docs/method.md §Amalgamation and heads)."""
         if name in ['a_w1', 'a_w2', 'c_w0', 'c_w1', 'c_w2']:
             return 'normal', 0.02
         if name in ['a_bn_w', 'c_bn0_w', 'c_bn1_w', 'a_rv', 'c_rv0', 'c_rv1']:
@@ -190,6 +190,16 @@ class PixelClassifier(common.HeadBase):
         f, p = self._fuse(x.unsqueeze(0), noise)
         logits = self._classify(f)[0]
         return common.regularised(F.cross_entropy(logits, y), p, self.s)
+
+    @torch.jit.export
+    def new_store(self, n: int, h: int, w: int) -> Tensor:
+        """Room for n images' features [n, h, w, D] (channels last), filled by `store_image`."""
+        return torch.zeros([n, h, w, self.input_channels()])
+
+    @torch.jit.export
+    def store_image(self, store: Tensor, i: int, buckets: List[Tensor]) -> None:
+        """Writes image i's bucket features (each [C_b, h, w], in input order) into the store."""
+        store[i].copy_(torch.cat(buckets, 0).permute(1, 2, 0))
 
     @torch.jit.export
     def pack(self, buckets: List[Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Eager PyTorch reference of GATE's pixel classifier training (GATE_SPEC §8.3), written from the spec with
+"""Eager PyTorch reference of GATE's pixel classifier training (docs/method.md §Amalgamation and heads), written from the spec with
 plain nn.Linear / nn.BatchNorm1d modules, torch.optim.Adam and F.interpolate (no TorchScript, no shared
 code with the templates). It replays a run of the native trainer (src/train.cc) draw for draw:
 

@@ -104,6 +104,16 @@ class TestPixelClassifier(unittest.TestCase):
         self.assertLess((m.c_rm0[0] - ref.mlp[2].running_mean).abs().max().item(), 1e-5)
         self.assertLess((m.c_rv1[0] - ref.mlp[5].running_var).abs().max().item(), 1e-5)
 
+    def test_assigner_output_bias_has_no_effect(self):
+        # a_b2 shifts every bucket's logit of a channel alike: the softmax over buckets cancels it
+        m = configured({'buckets': [3], 'channels': [4], 'classes': [3], 'members': [1], 'out_size': [4, 4]})
+        m.eval()
+        x = torch.randn(9, 12)
+        before = m(x)
+        with torch.no_grad():
+            m.a_b2.add_(torch.randn(m.a_b2.shape))
+        self.assertLess((m(x) - before).abs().max().item(), 1e-5)
+
     def test_vote_is_majority_and_segment_shape(self):
         m = configured({'buckets': [1], 'channels': [3], 'classes': [3], 'members': [3], 'out_size': [6, 6]})
         m.eval()
