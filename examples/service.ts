@@ -1,198 +1,66 @@
 /**
- * A small HTTP feature service: loads the pipeline once, takes image uploads, returns features.
+ * Embedding the library in your own HTTP server (plain node:http here; the same calls work in
+ * express, koa or fastify). For a ready production front use `diffusion-features serve` instead
+ * (limits, queue, metrics: docs/scale-out.md).
  *
- *   node --import tsx examples/service.ts --weights models/micro --port 8080
- *   curl --data-binary @cat.png 'http://127.0.0.1:8080/extract?layers=legacy&prompt=a%20cat&seed=1' -o cat.safetensors
+ *   node --import tsx examples/service.ts models/micro 8080
+ *   curl --data-binary @cat.png 'http://127.0.0.1:8080/features?prompt=a%20cat' -o cat.safetensors
  *
- * POST /extract   body: the image bytes (any format sharp reads)
- *   query: layers (preset | id,id,…), prompt, t, seed, size, posterior (sample|mean), attention (0|1)
- *   200: a safetensors file (one float32 tensor per layer id, settings in the metadata)
- *   400: unreadable image or bad parameters (JSON {error}); 503: queue full; 500: anything else.
- * GET /healthz    200 {ok, inFlight, queued}
- *
- * At most `concurrency` extractions run at once; up to `maxQueue` more wait; SIGINT/SIGTERM stop
- * accepting connections, let running requests finish, then release the models.
+ * The three things to get right when embedding: load the pipeline once (calls on it are queued),
+ * bound what you read from the client, and pass an AbortSignal so a client that leaves stops its work.
  */
 import http from 'node:http';
-import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
-import { loadPipeline, encodeFeatures, isDiffusionFeaturesError, type Pipeline, type ExtractOptions } from '../lib/index.js';
+import { loadPipeline, encodeFeatures, isDiffusionFeaturesError } from '../lib/index.js';
 
-/** Error codes that mean the request was bad (400), not the server (500). */
-const CLIENT_ERRORS = new Set(['E_IMAGE_DECODE', 'E_UNKNOWN_LAYER', 'E_INVALID_ARGUMENT', 'E_INVALID_FILE']);
+const MAX_BODY = 8 * 2 ** 20;
 
-export interface ServiceOptions {
-  weights: string;
-  port?: number;
-  host?: string;
-  concurrency?: number;
-  maxQueue?: number;
-  maxBodyBytes?: number;
-  device?: 'cpu' | 'cuda' | 'auto';
-}
-
-export interface Service {
-  readonly url: string;
-  readonly server: http.Server;
-  close(): Promise<void>;
-}
-
-class BadRequest extends Error {}
-
-/** A counting semaphore with a bounded wait queue. */
-class Limiter {
-  private running = 0;
-  private readonly waiting: Array<() => void> = [];
-  constructor(private readonly limit: number, private readonly maxQueue: number) {}
-  get inFlight(): number { return this.running; }
-  get queued(): number { return this.waiting.length; }
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.running >= this.limit) {
-      if (this.waiting.length >= this.maxQueue) throw Object.assign(new Error('queue full'), { status: 503 });
-      await new Promise<void>((resolve) => this.waiting.push(resolve));
-    } else {
-      this.running++;
-    }
+/** Starts the example server; resolves to its URL and a close function. */
+export async function startExample(weights: string, port = 0, device: 'auto' | 'cpu' | 'cuda' = 'auto'): Promise<{ url: string; close(): Promise<void> }> {
+  const pipeline = await loadPipeline(weights, { device });
+  const server = http.createServer(async (req, res) => {
+    const abort = new AbortController();
+    res.on('close', () => abort.abort()); // fires on disconnect (and harmlessly after the answer)
+    const reply = (status: number, body: Buffer | string): void => {
+      if (!res.headersSent) res.writeHead(status, { 'content-type': typeof body === 'string' ? 'application/json' : 'application/octet-stream' }).end(body);
+    };
+    if (req.method !== 'POST' || !req.url?.startsWith('/features')) return reply(404, '{"error":"POST /features"}');
+    if (Number(req.headers['content-length'] ?? 0) > MAX_BODY) return reply(413, '{"error":"image too large"}');
     try {
-      return await fn();
-    } finally {
-      const next = this.waiting.shift();
-      if (next) next(); // hand our slot over
-      else this.running--;
-    }
-  }
-}
-
-function readBody(req: http.IncomingMessage, limit: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    req.on('data', (c: Buffer) => {
-      size += c.length;
-      if (size > limit) {
-        reject(new BadRequest(`body larger than ${limit} bytes`));
-        req.destroy();
-        return;
+      const chunks: Buffer[] = [];
+      let size = 0;
+      for await (const c of req as AsyncIterable<Buffer>) {
+        if ((size += c.length) > MAX_BODY) return reply(413, '{"error":"image too large"}');
+        chunks.push(c);
       }
-      chunks.push(c);
-    });
-    req.on('end', () => resolve(Buffer.concat(chunks)));
-    req.on('error', reject);
-  });
-}
-
-function optionsFromQuery(q: URLSearchParams): ExtractOptions {
-  const num = (k: string): number | undefined => {
-    const v = q.get(k);
-    if (v === null) return undefined;
-    const n = Number(v);
-    if (!Number.isFinite(n)) throw new BadRequest(`query parameter ${k} must be a number, got '${v}'`);
-    return n;
-  };
-  const posterior = q.get('posterior') ?? undefined;
-  if (posterior !== undefined && posterior !== 'sample' && posterior !== 'mean') {
-    throw new BadRequest(`posterior must be 'sample' or 'mean', got '${posterior}'`);
-  }
-  return {
-    layers: q.get('layers') ?? 'legacy',
-    prompt: q.get('prompt') ?? '',
-    t: num('t'),
-    seed: num('seed'),
-    size: num('size'),
-    posterior: posterior as 'sample' | 'mean' | undefined,
-    attention: q.get('attention') === '1' || q.get('attention') === 'true',
-  };
-}
-
-/** Starts the service; resolves once it listens. */
-export async function startService(opts: ServiceOptions): Promise<Service> {
-  const pipeline: Pipeline = await loadPipeline(opts.weights, { device: opts.device ?? 'auto' });
-  const limiter = new Limiter(opts.concurrency ?? 1, opts.maxQueue ?? 16);
-  const maxBody = opts.maxBodyBytes ?? 32 * 2 ** 20;
-
-  const send = (res: http.ServerResponse, status: number, body: unknown): void => {
-    const text = JSON.stringify(body);
-    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-    res.end(text);
-  };
-
-  const server = http.createServer((req, res) => {
-    const url = new URL(req.url ?? '/', 'http://localhost');
-    if (req.method === 'GET' && url.pathname === '/healthz') {
-      send(res, 200, { ok: true, inFlight: limiter.inFlight, queued: limiter.queued });
-      return;
+      const prompt = new URL(req.url, 'http://x').searchParams.get('prompt') ?? '';
+      // layers as an id/preset array: a string could be read as a layer-config file path
+      const [f] = await pipeline.extract([{ name: 'upload', data: Buffer.concat(chunks) }], { layers: ['legacy'], prompt, signal: abort.signal });
+      try {
+        reply(200, Buffer.from(encodeFeatures(f!)));
+      } finally {
+        f!.dispose();
+      }
+    } catch (e) {
+      const client = isDiffusionFeaturesError(e) && ['E_IMAGE_DECODE', 'E_INVALID_ARGUMENT', 'E_LIMIT_EXCEEDED'].includes(e.code);
+      reply(client ? 400 : 500, JSON.stringify({ error: client ? (e as Error).message : 'internal error' }));
     }
-    if (req.method !== 'POST' || url.pathname !== '/extract') {
-      send(res, 404, { error: `no route ${req.method} ${url.pathname}` });
-      return;
-    }
-    (async () => {
-      const options = optionsFromQuery(url.searchParams);
-      const body = await readBody(req, maxBody);
-      if (body.length === 0) throw new BadRequest('empty body: send the image bytes');
-      const bytes = await limiter.run(async () => {
-        const [result] = await pipeline.extract([{ name: 'upload', data: body }], options).catch((err: unknown) => {
-          if (isDiffusionFeaturesError(err) && CLIENT_ERRORS.has(err.code)) throw new BadRequest(err.message);
-          throw err;
-        });
-        try {
-          return encodeFeatures(result!);
-        } finally {
-          result!.dispose();
-        }
-      });
-      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': bytes.byteLength });
-      res.end(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
-    })().catch((err: unknown) => {
-      const msg = err instanceof Error ? err.message : String(err);
-      const status = err instanceof BadRequest ? 400 : ((err as { status?: number }).status ?? 500);
-      if (!res.headersSent) send(res, status, { error: msg });
-      else res.destroy();
-    });
   });
-
-  await new Promise<void>((resolve) => server.listen(opts.port ?? 0, opts.host ?? '127.0.0.1', resolve));
-  const addr = server.address();
-  const port = typeof addr === 'object' && addr ? addr.port : opts.port;
-  let closing: Promise<void> | undefined;
+  await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
+  const { port: bound } = server.address() as import('node:net').AddressInfo;
   return {
-    url: `http://${opts.host ?? '127.0.0.1'}:${port}`,
-    server,
-    close() {
-      closing ??= new Promise<void>((resolve) => {
-        server.close(() => {
-          pipeline.dispose();
-          resolve();
-        });
+    url: `http://127.0.0.1:${bound}`,
+    close: () =>
+      new Promise<void>((r) => {
+        server.close(() => (pipeline.dispose(), r()));
         server.closeIdleConnections();
-      });
-      return closing;
-    },
+      }),
   };
 }
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
-  const { values } = parseArgs({
-    options: {
-      weights: { type: 'string', default: 'models/micro' },
-      port: { type: 'string', default: '8080' },
-      host: { type: 'string', default: '127.0.0.1' },
-      concurrency: { type: 'string', default: '1' },
-      device: { type: 'string', default: 'auto' },
-    },
-  });
-  const service = await startService({
-    weights: values.weights!,
-    port: Number(values.port),
-    host: values.host,
-    concurrency: Number(values.concurrency),
-    device: values.device as 'cpu' | 'cuda' | 'auto',
-  });
-  console.log(`diffusion-features service on ${service.url} (POST /extract, GET /healthz)`);
-  const stop = (): void => {
-    console.log('shutting down…');
-    void service.close().then(() => process.exit(0));
-  };
-  process.once('SIGINT', stop);
-  process.once('SIGTERM', stop);
+  const s = await startExample(process.argv[2] ?? 'models/micro', Number(process.argv[3] ?? 8080));
+  console.log(`POST ${s.url}/features`);
+  process.once('SIGTERM', () => void s.close());
+  process.once('SIGINT', () => void s.close());
 }

@@ -111,44 +111,51 @@ interface WorkerCli {
 
 /** Runs `worker` until SIGTERM/SIGINT; returns the exit code (0 after a graceful stop). */
 export async function runWorkerCli(o: WorkerCli): Promise<number> {
-  const { runWorker } = await import('../queue/worker.js');
-  const { redactUrl } = await import('../queue/redis.js');
   const log = o.quiet ? () => undefined : (line: string) => console.error(`[worker ${process.pid}] ${line}`);
-  const w = await runWorker({
-    redis: o.redis,
-    queue: o.queue,
-    weights: o.weights,
-    out: o.out,
-    devices: o.device,
-    dtype: o.dtype,
-    batchSize: o.batchSize,
-    batchWaitMs: o.batchWait,
-    lockDurationMs: o.lockDuration,
-    stalledIntervalMs: o.stalledInterval,
-    maxStalledCount: o.maxStalled,
-    log,
-  });
-  w.on('completed', (id, r, d) => log(`done ${id} ${d.image} -> ${r.output}${r.written ? '' : ' (already there)'}`));
-  w.on('failed', (id, reason, d, retry) => log(`${retry ? 'will retry' : 'failed'} ${id} ${d?.image ?? ''}: ${reason}`));
-  w.on('error', () => undefined);
-  log(`ready: queue ${o.queue} on ${redactUrl(o.redis)}, devices ${w.devices.join(',')}, batch ${o.batchSize}`);
+  // Signals are handled from the start: a stop asked for while the models load ends the worker right after.
   let signals = 0;
+  let worker: import('../queue/worker.js').FeatureWorker | undefined;
   const onSignal = (sig: NodeJS.Signals): void => {
     signals++;
     if (signals === 1) {
       log(`${sig}: finishing held jobs, then exiting (send again to stop at once)`);
-      void w.close();
+      void worker?.close();
     } else {
       log(`${sig}: stopping now; held jobs go back to the queue`);
-      void w.close({ force: true });
-      process.exitCode = 130;
+      void worker?.close({ force: true });
+      if (!worker) process.exit(130);
     }
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
-  await w.closed;
-  process.removeListener('SIGTERM', onSignal);
-  process.removeListener('SIGINT', onSignal);
+  try {
+    const { runWorker } = await import('../queue/worker.js');
+    const { redactUrl } = await import('../queue/redis.js');
+    const w = await runWorker({
+      redis: o.redis,
+      queue: o.queue,
+      weights: o.weights,
+      out: o.out,
+      devices: o.device,
+      dtype: o.dtype,
+      batchSize: o.batchSize,
+      batchWaitMs: o.batchWait,
+      lockDurationMs: o.lockDuration,
+      stalledIntervalMs: o.stalledInterval,
+      maxStalledCount: o.maxStalled,
+      log,
+    });
+    worker = w;
+    w.on('completed', (id, r, d) => log(`done ${id} ${d.image} -> ${r.output}${r.written ? '' : ' (already there)'}`));
+    w.on('failed', (id, reason, d, retry) => log(`${retry ? 'will retry' : 'failed'} ${id} ${d?.image ?? ''}: ${reason}`));
+    w.on('error', () => undefined);
+    log(`ready: queue ${o.queue} on ${redactUrl(o.redis)}, devices ${w.devices.join(',')}, batch ${o.batchSize}`);
+    if (signals) void w.close();
+    await w.closed;
+  } finally {
+    process.removeListener('SIGTERM', onSignal);
+    process.removeListener('SIGINT', onSignal);
+  }
   log('stopped');
   return signals > 1 ? 130 : 0;
 }

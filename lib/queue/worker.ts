@@ -19,6 +19,7 @@
  * @module
  */
 import { EventEmitter } from 'node:events';
+import { hostname } from 'node:os';
 import { mkdir, link, rename, unlink, lstat } from 'node:fs/promises';
 import { Worker, UnrecoverableError, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
@@ -181,6 +182,8 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
       maxStalledCount: o.maxStalledCount ?? 2,
       drainDelay: 2,
       autorun: true,
+      // recorded on each job as processedBy: which host/process holds it
+      name: `${hostname()}:${process.pid}`,
     });
     this.bull.on('error', (err) => {
       this.log(`redis/bullmq: ${err.message}`);

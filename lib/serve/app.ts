@@ -208,6 +208,12 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
     }
   };
 
+  // While draining, answers close their connection: keep-alive sockets must not hold the exit back.
+  app.addHook('onSend', async (_req, reply, payload) => {
+    if (draining) void reply.header('connection', 'close');
+    return payload;
+  });
+
   app.addHook('onResponse', async (req, reply) => {
     metrics.requests.inc({ route: req.routeOptions.url ?? 'none', status: String(reply.statusCode) });
   });

@@ -84,22 +84,8 @@ export function extractOptionsOf(o: ServiceOptions): ExtractOptions {
   };
 }
 
-/** Job options of a request (`POST /v1/jobs`). */
+/** Job options of a request (`POST /v1/jobs`): the same options, with `aggregate` for `packaged`. */
 export function jobOptionsOf(o: ServiceOptions): ExtractJobOptions {
-  return {
-    layers: layerList(o.layers),
-    prompt: o.prompt,
-    t: o.t,
-    seed: o.seed,
-    size: o.size,
-    posterior: o.posterior,
-    timestepMode: o.timestepMode,
-    attention: o.attention,
-    control: o.control ?? null,
-    controlScale: o.controlScale,
-    denoiseFrom: o.denoiseFrom,
-    scheduler: o.scheduler,
-    featureResize: o.featureResize,
-    aggregate: o.aggregate,
-  };
+  const { packaged, attention, noise: _n, signal: _s, onProgress: _p, ...rest } = extractOptionsOf(o);
+  return { ...rest, attention: attention === true, aggregate: packaged };
 }
