@@ -8,7 +8,8 @@
  * 2. Candidates, in order (the first that loads wins):
  *      a. $DIFFUSION_FEATURES_BINARY (an explicit .node file, e.g. a build of your own)
  *      b. prebuilds/<platform>-<arch>/diffusion-features.torch-<major.minor>.<variant>.napi.node matching
- *         the libtorch found (for a CUDA libtorch, then the CPU prebuild of the same version)
+ *         the libtorch found (for a CUDA libtorch, then a build for another CUDA version, then the CPU
+ *         prebuild of the same libtorch version)
  *      c. the local build, build/Release/diffusion_features.node (`npm rebuild`, `npm run build:native`)
  *      d. matching prebuilds made from other sources than this package's src/ (a checkout whose C++ changed
  *         since `npm run prebuilds`): only when there is no local build
@@ -139,10 +140,14 @@ function plan(found = libtorch.locate().found) {
   let current;
   const stale = [];
   const pre = prebuilds();
-  const ordered = found
-    ? [...pre.filter((p) => p.torch === found.short && p.variant === found.variant),
-       ...(found.variant !== 'cpu' ? pre.filter((p) => p.torch === found.short && p.variant === 'cpu') : [])]
-    : [];
+  // same libtorch version: the exact variant, then (CUDA libtorch) a build for another CUDA version (the addon
+  // calls no CUDA API itself, so it links the same libtorch symbols), then the CPU build (no CUDA)
+  const same = found ? pre.filter((p) => p.torch === found.short) : [];
+  const ordered = !found ? [] : [
+    ...same.filter((p) => p.variant === found.variant),
+    ...(found.variant !== 'cpu' ? same.filter((p) => p.variant !== found.variant && p.variant !== 'cpu') : []),
+    ...(found.variant !== 'cpu' ? same.filter((p) => p.variant === 'cpu') : []),
+  ];
   for (const p of pre) {
     if (!ordered.includes(p)) {
       skipped.push(`${path.relative(root, p.file)}: built for libtorch ${p.torch} ${variantLabel(p.variant)}` +
