@@ -3,8 +3,8 @@
  *
  * - {@link Tensor}: a handle on one libtorch tensor. CPU float32 contiguous tensors are handed to JS
  *   without a copy ({@link Tensor.toFloat32Array}).
- * - {@link ScriptModule}: a TorchScript module; calls run on the libuv thread pool and return Promises,
- *   arguments are converted by the method's TorchScript schema.
+ * - {@link ScriptModule}: a TorchScript module; calls run on the addon's torch threads (never the JS
+ *   thread) and return Promises, arguments are converted by the method's TorchScript schema.
  * - Device helpers: {@link cudaAvailable}, {@link deviceCount}, {@link resolveDevice},
  *   {@link setNumThreads}, {@link libtorchVersion}.
  *
@@ -14,13 +14,19 @@
  *
  * Every error thrown or rejected by this module is a {@link NativeError} (a `DiffusionFeaturesError`) with
  * a `code`: `E_INVALID_ARGUMENT`, `E_FILE_NOT_FOUND`, `E_INVALID_FILE`, `E_NOT_FOUND`, `E_DISPOSED`,
- * `E_TORCH` (libtorch raised; the message is libtorch's, without C++ backtrace) or `E_NATIVE_LOAD`.
+ * `E_OUT_OF_MEMORY` (an allocation failed, CPU or CUDA), `E_LIMIT_EXCEEDED` (no thread could be started,
+ * a list argument too long), `E_ABORTED` (an `AbortError`), `E_TORCH` (libtorch raised; the message is
+ * libtorch's, without C++ backtrace) or `E_NATIVE_LOAD`.
+ *
+ * The addon is safe in any number of `worker_threads` Workers, and across their termination with calls in
+ * flight; on `process.exit()` it lets running calls end (up to `DIFFUSION_FEATURES_EXIT_GRACE_MS`,
+ * default 3000) before libtorch is torn down.
  *
  * @module
  */
 import { createRequire } from 'node:module';
 import type { RawAddon, RawDType, RawModule, RawTensor } from '../binding/index.cjs';
-import { DiffusionFeaturesError, type ErrorCode } from './errors.js';
+import { AbortError, DiffusionFeaturesError, throwIfAborted, type ErrorCode } from './errors.js';
 
 /** A device name. `'auto'` means `'cuda:0'` when CUDA is available, else `'cpu'`. */
 export type Device = 'cpu' | 'cuda' | `cuda:${number}` | 'auto';
@@ -43,14 +49,29 @@ interface BindingModule {
 }
 const requireHere = createRequire(import.meta.url);
 let binding: BindingModule | undefined;
-let addonCache: RawAddon | undefined;
+let addonCache: Addon | undefined;
+
+/** An opaque native cancel flag (see {@link abortable}). */
+type RawCancelToken = { readonly __cancelToken: unique symbol };
+/** Functions of the addon not (yet) described in binding/index.d.cts. */
+interface AddonExtras {
+  maxThreads(): number;
+  createCancelToken(): RawCancelToken;
+  cancel(token: RawCancelToken): void;
+  workerStats(): { executors: number; started: number; queued: number; running: number };
+  loadModule(path: string, device: string, dtype: RawDType | null, cancel?: RawCancelToken | null): Promise<RawModule>;
+}
+interface RawModuleExtras {
+  call(method: string, args: unknown[], cancel?: RawCancelToken | null): Promise<unknown>;
+}
+type Addon = Omit<RawAddon, 'loadModule'> & AddonExtras;
 
 /** The raw addon, loaded on first use (so importing the library never fails for lack of the binary). */
-function addon(): RawAddon {
+function addon(): Addon {
   if (addonCache) return addonCache;
   binding ??= requireHere('../binding/index.cjs') as BindingModule;
   try {
-    addonCache = binding.load();
+    addonCache = binding.load() as unknown as Addon;
   } catch (err) {
     throw toError(err);
   }
@@ -98,6 +119,39 @@ function invalid(message: string): NativeError {
   return new NativeError('E_INVALID_ARGUMENT', message);
 }
 
+/**
+ * Runs native work that accepts a cancel token, tied to `signal`: when the signal aborts, the work is
+ * cancelled if it has not started on its torch thread yet (it is then never run), and the promise rejects
+ * at once with an {@link AbortError} either way (a result that arrives later is disposed by `discard`).
+ */
+async function abortable<T>(signal: AbortSignal | undefined, what: string, start: (token: RawCancelToken | null) => Promise<T>,
+  discard: (value: T) => void): Promise<T> {
+  if (signal === undefined) return nativeAsync(() => start(null));
+  if (!(signal instanceof AbortSignal)) throw invalid(`${what}: signal must be an AbortSignal`);
+  throwIfAborted(signal, what);
+  const A = addon();
+  const token = A.createCancelToken();
+  const work = nativeAsync(() => start(token));
+  let onAbort: (() => void) | undefined;
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => {
+      A.cancel(token);
+      reject(new AbortError(`${what} aborted`, { cause: signal.reason }));
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+  let delivered = false; // the caller got the work's result
+  try {
+    return await Promise.race([work.then((v) => {
+      if (!signal.aborted) delivered = true;
+      return v;
+    }), aborted]);
+  } finally {
+    signal.removeEventListener('abort', onAbort!);
+    if (!delivered) work.then(discard, () => {});
+  }
+}
+
 // ------------------------------------------------------------------------------------------ devices
 /** Whether libtorch sees a usable CUDA device (false with a CPU-only libtorch). */
 export function cudaAvailable(): boolean {
@@ -129,10 +183,24 @@ export function resolveDevice(d: Device): string {
   return `cuda:${index}`;
 }
 
-/** Sets libtorch's intra-op thread count (at::set_num_threads). Set on load to the core count unless OMP_NUM_THREADS is set. */
+/**
+ * Sets libtorch's intra-op thread count for every later call (each torch thread applies it before its next
+ * job; OpenMP's per-thread setting, never libtorch's global reset while work runs). Set on load to the
+ * core count unless OMP_NUM_THREADS is set. `n` must be an integer from 1 to {@link maxThreads}
+ * (E_INVALID_ARGUMENT otherwise); when the process cannot start that many threads (a thread limit) it
+ * throws E_LIMIT_EXCEEDED and the setting is unchanged.
+ */
 export function setNumThreads(n: number): void {
-  if (!Number.isInteger(n) || n < 1) throw invalid(`setNumThreads(n): n must be a positive integer, got ${n}`);
+  const max = maxThreads();
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < 1 || n > max) {
+    throw invalid(`setNumThreads(n): n must be an integer from 1 to ${max}, got ${String(n)}`);
+  }
   native(() => addon().setNumThreads(n));
+}
+
+/** The largest intra-op thread count {@link setNumThreads} accepts: max(256, 4 × hardware threads). */
+export function maxThreads(): number {
+  return native(() => addon().maxThreads());
 }
 
 /** libtorch's intra-op thread count. */
@@ -394,19 +462,42 @@ export class Tensor {
 }
 
 // ------------------------------------------------------------------------------------------ values
-function toRawArgs(v: IValue, where: string, A: RawAddon): unknown {
+/** Deepest nesting of arrays/objects accepted in call() arguments (TorchScript types are far shallower). */
+const MAX_ARG_DEPTH = 64;
+/** Longest array accepted in call() arguments (a sparse array may claim 2^32 - 1 elements). */
+const MAX_LIST_LENGTH = 2 ** 24;
+
+/** `ancestors`: the arrays/objects being converted above `v` (a repeat is a cycle). */
+function toRawArgs(v: IValue, where: string, A: Addon, ancestors: object[] = []): unknown {
   if (v instanceof Tensor) return rawTensorOf(v, where);
-  if (v === null || v === undefined || typeof v !== 'object') return v;
-  if (Array.isArray(v)) return v.map((x, i) => toRawArgs(x, `${where}[${i}]`, A));
+  if (v === null || v === undefined) return v;
+  if (typeof v === 'function' || typeof v === 'symbol') throw invalid(`${where}: a ${typeof v} cannot be passed to TorchScript`);
+  if (typeof v !== 'object') return v;
+  if (ancestors.includes(v)) throw invalid(`${where}: the argument contains itself (a cyclic structure cannot be passed to TorchScript)`);
+  if (ancestors.length >= MAX_ARG_DEPTH) throw invalid(`${where}: arguments nested more than ${MAX_ARG_DEPTH} levels deep`);
+  const inner = [...ancestors, v];
+  if (Array.isArray(v) && v.length > MAX_LIST_LENGTH) {
+    throw new NativeError('E_LIMIT_EXCEEDED', `${where}: a list of ${v.length} elements is longer than the ${MAX_LIST_LENGTH} accepted`);
+  }
+  if (Array.isArray(v)) return v.map((x, i) => toRawArgs(x, `${where}[${i}]`, A, inner));
   if (ArrayBuffer.isView(v)) throw invalid(`${where}: a typed array must be wrapped in a Tensor (e.g. Tensor.fromFloat32Array)`);
   const out: Record<string, unknown> = {};
-  for (const [k, x] of Object.entries(v)) out[k] = toRawArgs(x, `${where}['${k}']`, A);
+  for (const [k, x] of Object.entries(v)) {
+    Object.defineProperty(out, k, { value: toRawArgs(x, `${where}['${k}']`, A, inner), enumerable: true, writable: true, configurable: true });
+  }
   return out;
 }
 
-function fromRawResult(v: unknown, A: RawAddon): IValue {
+/** Disposes every tensor inside a result that nobody will receive (an aborted call). */
+function disposeResult(v: IValue): void {
+  if (v instanceof Tensor) v.dispose();
+  else if (Array.isArray(v)) v.forEach(disposeResult);
+  else if (v !== null && typeof v === 'object') Object.values(v).forEach(disposeResult);
+}
+
+function fromRawResult(v: unknown, A: Addon): IValue {
   if (v === null || v === undefined || typeof v !== 'object') return v as IValue;
-  if (v instanceof A.RawTensor) return wrapTensor(v as RawTensor);
+  if (v instanceof (A.RawTensor as unknown as new () => RawTensor)) return wrapTensor(v as RawTensor);
   if (Array.isArray(v)) return v.map((x) => fromRawResult(x, A));
   const out: Record<string, IValue> = {};
   for (const [k, x] of Object.entries(v as Record<string, unknown>)) out[k] = fromRawResult(x, A);
@@ -452,11 +543,13 @@ export class ScriptModule {
    * so parameters stay updatable with {@link ScriptModule.setParameter}.
    * Rejects with E_FILE_NOT_FOUND for a missing file and E_INVALID_FILE for one that is not TorchScript.
    */
-  static async load(path: string, opts: { device?: Device; dtype?: DType } = {}): Promise<ScriptModule> {
+  static async load(path: string, opts: { device?: Device; dtype?: DType; signal?: AbortSignal } = {}): Promise<ScriptModule> {
     if (typeof path !== 'string' || path === '') throw invalid('ScriptModule.load(path): path must be a non-empty string');
     const device = resolveDevice(opts.device ?? 'cpu');
     const dtype = checkDType(opts.dtype, 'ScriptModule.load');
-    return new ScriptModule(await nativeAsync(() => addon().loadModule(path, device, dtype)));
+    const raw = await abortable(opts.signal, `ScriptModule.load(${path})`, (token) => addon().loadModule(path, device, dtype, token),
+      (m) => m.dispose());
+    return new ScriptModule(raw);
   }
 
   /** Calls `forward`. See {@link ScriptModule.call}. */
@@ -473,11 +566,23 @@ export class ScriptModule {
    * naming the method and its signature.
    */
   async call(method: string, ...args: IValue[]): Promise<IValue> {
-    const raw = this.#live('call');
+    return this.invoke(method, args);
+  }
+
+  /**
+   * {@link ScriptModule.call} with the arguments as an array and options. With `signal`, a call still
+   * waiting for its turn (calls on one module run one at a time) is dropped when the signal aborts, and
+   * the promise rejects at once with an `AbortError` (code E_ABORTED); a call already running finishes in
+   * the background and its result is disposed.
+   */
+  async invoke(method: string, args: readonly IValue[], opts: { signal?: AbortSignal } = {}): Promise<IValue> {
+    const raw = this.#live('call') as RawModule & RawModuleExtras;
+    if (typeof method !== 'string') throw invalid('ScriptModule.call(method): method must be a string');
+    if (!Array.isArray(args)) throw invalid('ScriptModule.invoke(method, args): args must be an array');
     const A = addon();
     const rawArgs = args.map((a, i) => toRawArgs(a, `${method}() argument ${i + 1}`, A));
-    const result = await nativeAsync(() => raw.call(method, rawArgs));
-    return fromRawResult(result, A);
+    return abortable(opts.signal, `${method}()`, async (token) => fromRawResult(await raw.call(method, rawArgs, token), A),
+      disposeResult);
   }
 
   /** Names of the module's methods (e.g. ['forward', 'encode']). */

@@ -21,11 +21,7 @@ static std::string JsKind(const Napi::Value& v) {
   if (v.IsNull()) return "null";
   if (v.IsUndefined()) return "undefined";
   if (v.IsBoolean()) return "boolean";
-  if (v.IsNumber()) {
-    std::ostringstream s;
-    s << "number " << v.As<Napi::Number>().DoubleValue();
-    return s.str();
-  }
+  if (v.IsNumber()) return "number " + v.ToString().Utf8Value();  // as JS prints it: NaN, Infinity, 1e+300
   if (v.IsBigInt()) return "bigint";
   if (v.IsString()) return "string";
   if (v.IsArray()) return "array of length " + std::to_string(v.As<Napi::Array>().Length());

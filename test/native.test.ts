@@ -3,35 +3,19 @@
  * test/fixtures/native/make_modules.py (run with a Python that has torch, into test/.cache/native/).
  */
 import test from 'ava';
-import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import {
-  ScriptModule, Tensor, cpuCache, cudaAvailable, emptyCpuCache, setCpuCacheLimit, deviceCount, getNumThreads, libtorchVersion, resolveDevice, setNumThreads,
-  type IValue,
+  ScriptModule, Tensor, cpuCache, cudaAvailable, emptyCpuCache, setCpuCacheLimit, deviceCount, getNumThreads, libtorchVersion, maxThreads,
+  resolveDevice, setNumThreads, type IValue,
 } from '../lib/native.js';
+import { ensureNativeFixtures, root } from './lifecycle/fixtures.js';
 
 const require = createRequire(import.meta.url);
-const root = fileURLToPath(new URL('..', import.meta.url));
-const script = join(root, 'test', 'fixtures', 'native', 'make_modules.py');
-const cache = join(root, 'test', '.cache', 'native');
-
-/** Builds the fixture modules when missing or when make_modules.py changed. */
-function ensureFixtures(): void {
-  const stamp = join(cache, 'stamp.txt');
-  const hash = createHash('sha256').update(readFileSync(script)).digest('hex');
-  if (existsSync(stamp) && readFileSync(stamp, 'utf8') === hash && existsSync(join(cache, 'reference.json'))) return;
-  const python: string | null = require('../scripts/python.cjs').findPython();
-  if (!python) throw new Error('a Python with torch is needed to build the test modules (apt-get install python3-torch or set PYTHON)');
-  const r = spawnSync(python, [script, cache], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`make_modules.py failed: ${r.stderr}`);
-  writeFileSync(stamp, hash);
-}
-mkdirSync(cache, { recursive: true });
-ensureFixtures();
+const cache = ensureNativeFixtures();
 const ref = JSON.parse(readFileSync(join(cache, 'reference.json'), 'utf8')) as {
   conv_input: number[]; conv_output: number[]; conv_output_shape: number[]; randn_seed42: number[];
 };
@@ -80,7 +64,7 @@ test('libtorch version, devices, threads', (t) => {
   setNumThreads(1);
   t.is(getNumThreads(), 1);
   setNumThreads(before);
-  t.throws(() => setNumThreads(0), { message: /positive integer/ });
+  t.throws(() => setNumThreads(0), { message: /integer from 1 to/ });
 });
 
 // ------------------------------------------------------------------------------------------ tensors
@@ -593,4 +577,149 @@ test.serial('the caching CPU allocator reuses large blocks, keeps values right, 
   };
   t.false(probe('0').enabled);
   t.deepEqual(probe('64'), { ...probe('64'), enabled: true, limitBytes: 64 << 20 });
+});
+
+// ------------------------------------------------------------------------------------------ hostile input (issue 10)
+const rawAddon = () => require('../binding/index.cjs').load() as import('../binding/index.cjs').RawAddon & {
+  maxThreads(): number; workerStats(): { queued: number; running: number };
+};
+async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string> {
+  try {
+    await (typeof p === 'function' ? p() : p);
+    return 'ok';
+  } catch (e) {
+    return String((e as { code?: string }).code);
+  }
+}
+
+test.serial('setNumThreads: bounded to 1..maxThreads(), never wraps, the raw addon checks too', async (t) => {
+  const before = getNumThreads();
+  const max = maxThreads();
+  t.true(max >= 256, `maxThreads ${max}`);
+  const raw = rawAddon();
+  for (const bad of [0, -1, 1.5, NaN, Infinity, -Infinity, 2 ** 31, 2 ** 32 + 2, -(2 ** 31), max + 1, 1e300, '4', null]) {
+    const e = t.throws(() => setNumThreads(bad as number));
+    t.is((e as { code?: string }).code, 'E_INVALID_ARGUMENT', String(bad));
+    t.regex(e!.message, new RegExp(`integer from 1 to ${max}`));
+    // 2^31 and 2^32 + 2 used to wrap to negative / small counts in the addon itself
+    const r = t.throws(() => raw.setNumThreads(bad as number));
+    t.is((r as { code?: string }).code, 'E_INVALID_ARGUMENT', `raw ${String(bad)}`);
+  }
+  t.is(getNumThreads(), before);
+  setNumThreads(1);
+  t.is(await raw.workerNumThreads(), 1);
+  setNumThreads(before);
+  t.is(await raw.workerNumThreads(), before);
+});
+
+test('int arguments: 1e300, NaN, Infinity and unsafe integers are errors, not INT64_MIN', async (t) => {
+  for (const bad of [1e300, -1e300, NaN, Infinity, -Infinity, 2 ** 53, -(2 ** 63), 2 ** 64]) {
+    const e = await rejects(t, values.call('int_div', bad, 1), /int_div\(\) argument 1 'a' expects int, got number/, 'E_INVALID_ARGUMENT');
+    t.regex(e!.message, /not an integer|not a safe integer/);
+  }
+  t.is(await values.call('int_div', 2 ** 53 - 1, 1), 2 ** 53 - 1);
+  t.is(await values.call('int_div', -(2 ** 53 - 1), 1), -(2 ** 53 - 1));
+  t.is(await values.call('int_div', 2n ** 62n as unknown as number, 2n ** 61n as unknown as number), 2);
+  await rejects(t, values.call('int_div', 2n ** 64n as unknown as number, 1), /does not fit in int64/, 'E_INVALID_ARGUMENT');
+  await rejects(t, values.call('list_ints', [1, 1e300]), /'xs'\[1\] expects int.*not a safe integer/, 'E_INVALID_ARGUMENT');
+  await rejects(t, values.call('opt_int', NaN), /expects int, got number NaN/, 'E_INVALID_ARGUMENT');
+});
+
+test('float arguments: NaN and infinities are refused, large finite values pass', async (t) => {
+  for (const bad of [NaN, Infinity, -Infinity]) {
+    await rejects(t, values.call('float_div', bad, 2), /float_div\(\) argument 1 'a' expects float.*not a finite number/, 'E_INVALID_ARGUMENT');
+    await rejects(t, values.call('list_floats', [1, bad]), /'xs'\[1\] expects float.*not a finite number/, 'E_INVALID_ARGUMENT');
+  }
+  t.is(await values.call('float_div', 3e38, 1), 3e38);
+  await rejects(t, values.call('float_div', 2n ** 70n as unknown as number, 1), /does not fit in int64/, 'E_INVALID_ARGUMENT');
+});
+
+test('shapes: huge, fractional or overflowing sizes are clear errors; allocation failure is E_OUT_OF_MEMORY', async (t) => {
+  const raw = rawAddon();
+  for (const shape of [[1e300], [2 ** 53], [-1], [1.5], [NaN]]) {
+    t.is(await codeOf(() => raw.RawTensor.randn(shape, 0n, 'cpu', null)), 'E_INVALID_ARGUMENT', JSON.stringify(shape));
+  }
+  // more elements than int64 can count: refused before any arithmetic overflows
+  t.is(await codeOf(() => raw.RawTensor.randn([2 ** 40, 2 ** 40], 0n, 'cpu', null)), 'E_OUT_OF_MEMORY');
+  // 2^58 bytes: the allocator refuses it (no size arithmetic may wrap into a small block)
+  const e = await t.throwsAsync(Tensor.randn([2 ** 28, 2 ** 28], { seed: 0 }));
+  t.is((e as { code?: string }).code, 'E_OUT_OF_MEMORY');
+  t.regex(e!.message, /out of memory/);
+  t.notRegex(e!.message, /Exception raised from|frame #/);
+  // the process still works
+  t.deepEqual((await Tensor.randn([2], { seed: 42 })).shape, [2]);
+});
+
+test('cyclic or absurdly deep call() arguments give a typed error, not a stack overflow', async (t) => {
+  const cyc: IValue[] = [1];
+  cyc.push(cyc);
+  await rejects(t, values.call('nested_lists', cyc), /contains itself/, 'E_INVALID_ARGUMENT');
+  const obj: { [k: string]: IValue } = { a: f32(1) };
+  obj.self = obj;
+  await rejects(t, dicts.forward(obj, 2), /\['self'\].*contains itself/, 'E_INVALID_ARGUMENT');
+  let deep: IValue = [1];
+  for (let i = 0; i < 100_000; i++) deep = [deep];
+  await rejects(t, values.call('nested_lists', deep), /nested more than 64 levels/, 'E_INVALID_ARGUMENT');
+  // a shared (non-cyclic) sub-array is fine
+  const row = [1, 2];
+  t.deepEqual(await values.call('nested_lists', [row, row]), [[10, 20], [10, 20]]);
+  // the raw addon bounds a sparse array's claimed length
+  const sparse: number[] = [];
+  sparse.length = 2 ** 32 - 1;
+  await rejects(t, values.call('list_ints', sparse), /longer than the \d+ accepted/, 'E_LIMIT_EXCEEDED');
+  const rawValues = await rawAddon().loadModule(path('values.pt'), 'cpu', null);
+  t.is(await codeOf(() => rawValues.call('list_ints', [sparse])), 'E_LIMIT_EXCEEDED');
+  rawValues.dispose();
+});
+
+test.serial('a queued call whose signal aborts rejects at once and never runs', async (t) => {
+  const threadsBefore = getNumThreads();
+  setNumThreads(1);
+  t.teardown(() => setNumThreads(threadsBefore));
+  const m = await ScriptModule.load(path('conv.pt'));
+  const x = await Tensor.randn([256, 256], { seed: 5 });
+  await m.invoke('slow', [x, 2]);
+  // calibrate a call of ~1 s
+  let n = 20;
+  let start = performance.now();
+  await m.invoke('slow', [x, n]);
+  n = Math.max(20, Math.round((n * 1000) / Math.max(1, performance.now() - start)));
+  start = performance.now();
+  const first = m.invoke('slow', [x, n]);
+  const ac = new AbortController();
+  const queued = m.invoke('slow', [x, n], { signal: ac.signal });
+  setTimeout(() => ac.abort(new Error('user pressed stop')), 50);
+  const e = await t.throwsAsync(queued);
+  const rejectedAfter = performance.now() - start;
+  t.is(e!.name, 'AbortError');
+  t.is((e as { code?: string }).code, 'E_ABORTED');
+  t.is((e as { cause?: Error }).cause?.message, 'user pressed stop');
+  await first;
+  const firstTook = performance.now() - start;
+  t.true(rejectedAfter < firstTook / 2, `the aborted call rejected after ${rejectedAfter} ms, the running one took ${firstTook} ms`);
+  // the aborted call was dropped from the module's queue: the next call does not wait for it
+  const t0 = performance.now();
+  await m.forward(await Tensor.randn([1, 3, 4, 4], { seed: 1 }));
+  const nextTook = performance.now() - t0;
+  t.log(`running call ${firstTook.toFixed(0)} ms, abort rejected after ${rejectedAfter.toFixed(0)} ms, next call ${nextTook.toFixed(0)} ms`);
+  t.true(nextTook < firstTook / 2, `the next call took ${nextTook} ms: the aborted one ran`);
+  t.is(rawAddon().workerStats().queued, 0);
+  // an already-aborted signal rejects before anything is queued; a bad signal is a typed error
+  await rejects(t, m.invoke('forward', [x], { signal: AbortSignal.abort() }), /aborted/, 'E_ABORTED');
+  await rejects(t, m.invoke('forward', [x], { signal: {} as AbortSignal }), /signal must be an AbortSignal/, 'E_INVALID_ARGUMENT');
+  await rejects(t, ScriptModule.load(path('conv.pt'), { signal: AbortSignal.abort() }), /aborted/, 'E_ABORTED');
+  m.dispose();
+});
+
+test('disposed tensors and modules: E_DISPOSED from the raw addon too', async (t) => {
+  const raw = rawAddon();
+  const m = await raw.loadModule(path('values.pt'), 'cpu', null);
+  const x = raw.RawTensor.fromTypedArray(new Float32Array([1]), [1], 'float32');
+  x.dispose();
+  t.is(await codeOf(() => m.call('forward', [x])), 'E_DISPOSED');
+  t.is(await codeOf(() => m.call('list_tensors', [[x]])), 'E_DISPOSED');
+  t.is(await codeOf(() => x.to('cpu', null)), 'E_DISPOSED');
+  m.dispose();
+  t.is(await codeOf(() => m.call('forward', [raw.RawTensor.fromTypedArray(new Float32Array([1]), [1], 'float32')])), 'E_DISPOSED');
+  t.is(await codeOf(() => m.getParameter('x')), 'E_DISPOSED');
 });

@@ -66,7 +66,7 @@ async function main() {
       return;
     }
     case 'exit-during-load': {
-      for (const f of ['unet.pt', 'text_encoder.pt', 'vae_encoder.pt', 'vae_decoder.pt', 'controlnet.pt']) A.loadModule(micro(f), 'cpu', null).catch(() => {});
+      for (const f of ['unet.pt', 'text_encoder.pt', 'vae_encoder.pt']) A.loadModule(micro(f), 'cpu', null).catch(() => {});
       setTimeout(() => process.exit(0), rand() * 400);
       return;
     }
@@ -102,7 +102,7 @@ async function main() {
       const mlp = await A.loadModule(join(dir, 'mlp.pt'), 'cpu', null);
       const x = await A.RawTensor.randn([32, 256], 4n, 'cpu', null);
       const fwd = (async () => { while (!stop.done) await Promise.all([mlp.call('forward', [x]), conv.call('forward', [await A.RawTensor.randn([1, 3, 16, 16], 2n, 'cpu', null)])]); })();
-      for (let i = 0; i < 3; i++) {
+      for (let i = 0; i < 2; i++) {
         const w = new Worker(fileURLToPath(import.meta.url), { workerData: { dir, seed: i, kind: 'load-once' }, env: process.env });
         await new Promise((r, j) => { w.on('exit', r); w.on('error', j); });
       }
@@ -119,9 +119,9 @@ async function main() {
       const x = await A.RawTensor.randn([64, 256], 4n, 'cpu', null);
       const fwd = Promise.all([0, 1, 2].map(async () => { while (!stop.done) await mlp.call('forward', [x]); }));
       const workers = [];
-      for (let i = 0; i < 40; i++) {
-        if (!process.env.NO_SET) A.setNumThreads(1 + Math.floor(rand() * 3));
-        if (i % 8 === 0) workers.push(new Worker(fileURLToPath(import.meta.url), { workerData: { dir, seed: i, kind: 'load-once' }, env: process.env }));
+      for (let i = 0; i < 24; i++) {
+        A.setNumThreads(1 + Math.floor(rand() * 3));
+        if (i % 12 === 0) workers.push(new Worker(fileURLToPath(import.meta.url), { workerData: { dir, seed: i, kind: 'load-once' }, env: process.env }));
         await delay(rand() * 30);
       }
       await Promise.all(workers.map((w) => new Promise((r) => w.on('exit', r))));
@@ -142,7 +142,7 @@ if (isMainThread) {
   const { dir, seed, kind, exitAfter } = workerData;
   const A = addon();
   if (kind === 'load-once') {
-    Promise.all(['unet.pt', 'text_encoder.pt', 'vae_encoder.pt', 'controlnet.pt'].map((f) => A.loadModule(micro(f), 'cpu', null)))
+    Promise.all(['unet.pt', 'text_encoder.pt'].map((f) => A.loadModule(micro(f), 'cpu', null)))
       .then((ms) => { for (const m of ms) m.dispose(); parentPort.postMessage('loaded'); });
   } else {
     if (exitAfter !== undefined) setTimeout(() => process.exit(0), exitAfter);
