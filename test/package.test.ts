@@ -105,7 +105,7 @@ test('demo needs no Python and no compiler: the bundled model ships exported', a
   t.true(existsSync(join(out, 'astronaut.safetensors')));
 });
 
-test('models/micro is the reproducible export of models/micro-src (npm run models:micro)', async (t) => {
+test('models/micro is the reproducible export of models/micro-src (`diffusion-features export`, as npm run models:micro)', async (t) => {
   const model = JSON.parse(readFileSync(join(ROOT, 'models', 'micro', 'model.json'), 'utf8')) as { torch_version: string };
   const py = spawnSync(process.execPath, [join(ROOT, 'scripts', 'python.cjs'), '-c', 'import torch; print(torch.__version__)'], { encoding: 'utf8' });
   if (py.status !== 0) return t.pass('no Python with torch here: not checked');
@@ -113,13 +113,26 @@ test('models/micro is the reproducible export of models/micro-src (npm run model
     return t.pass(`models/micro was exported with torch ${model.torch_version}, this Python has ${py.stdout.trim()}: bytes not comparable`);
   }
   const out = join(dir, 'micro-check');
-  // the same command as `npm run models:micro` (PYTHONHASHSEED=0: TorchScript writes module constants in set order)
-  const r = spawnSync(process.execPath, [join(ROOT, 'scripts', 'python.cjs'), 'weights/export.py', '--from', 'models/micro-src', '--out', out, '--dtype', 'float16'],
+  // `npm run models:micro` through the CLI's `export` (PYTHONHASHSEED=0: TorchScript writes module constants in set order)
+  const r = spawnSync(process.execPath, [join(ROOT, 'dist', 'cli.js'), 'export', '--from', 'models/micro-src', '--out', out, '--dtype', 'float16'],
     { cwd: ROOT, encoding: 'utf8', env: { ...process.env, PYTHONHASHSEED: '0' } });
   t.is(r.status, 0, r.stderr);
+  t.regex(r.stdout + r.stderr, /\[export\] wrote/);
   const committed = readdirSync(join(ROOT, 'models', 'micro')).sort();
   t.deepEqual(readdirSync(out).sort(), committed);
   for (const f of committed) {
     t.true(readFileSync(join(out, f)).equals(readFileSync(join(ROOT, 'models', 'micro', f))), `models/micro/${f} is stale: run npm run models:micro`);
   }
+});
+
+test('`diffusion-features export --help` is the exporter\'s own help; bad flags are the exporter\'s errors', async (t) => {
+  const help = spawnSync(process.execPath, [join(ROOT, 'dist', 'cli.js'), 'export', '--help'], { encoding: 'utf8' });
+  if (help.status !== 0 && /needs a Python with torch/.test(help.stderr)) return t.pass('no Python with torch here');
+  t.is(help.status, 0, help.stderr);
+  t.regex(help.stdout, /--from DIR\|FILE --out OUT/);
+  t.regex(help.stdout, /--components LIST/);
+  const bad = spawnSync(process.execPath, [join(ROOT, 'dist', 'cli.js'), 'export', '--from', join(dir, 'nowhere'), '--out', join(dir, 'x')], { encoding: 'utf8' });
+  t.not(bad.status, 0);
+  t.regex(bad.stderr, /nowhere/);
+  t.false(existsSync(join(dir, 'x')));
 });
