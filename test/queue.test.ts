@@ -266,12 +266,15 @@ test.serial('in-process worker with --batch-size 4: batched jobs get the noise o
   const w = await runWorker({ redis: redis.url, weights: WEIGHTS, out, devices: ['cpu'], batchSize: 4, batchWaitMs: 200 });
   try {
     const batches: number[] = [];
+    let progress = 0;
     w.on('completed', (_id, r) => batches.push(r.batch));
+    w.on('progress', () => progress++);
     const some = images.slice(0, 8);
     const r = await enqueue({ redis: redis.url, images: some, extract: { layers: 'legacy', size: SIZE, seed: SEED } });
     const done = await waitForJobs({ redis: redis.url, jobs: r.jobs });
     t.is(done.completed, 8);
     t.true(batches.some((b) => b > 1), `jobs ran in batches: ${batches.join(',')}`);
+    t.true(progress > 0, 'progress reached the jobs');
     const { SafetensorsFile } = await import('../lib/io/safetensors.js');
     for (const img of some) {
       const path = join(out, img.slice(img.lastIndexOf('/') + 1).replace(/\.png$/, '.safetensors'));
@@ -292,6 +295,30 @@ test.serial('in-process worker with --batch-size 4: batched jobs get the noise o
         t.true(Math.sqrt(num / den) < 1e-4, `${img} ${name}: rel err ${Math.sqrt(num / den)}`);
       }
     }
+  } finally {
+    await w.close();
+    await redis.stop();
+  }
+});
+
+test.serial('recipe jobs write what recipe writes for that image alone', async (t) => {
+  const redis = await startRedis();
+  const out = join(dir, 'out-recipe');
+  const { runWorker } = await import('../lib/queue/worker.js');
+  const { waitForJobs } = await import('../lib/queue/enqueue.js');
+  const { extractRecipe } = await import('../lib/recipes.js');
+  const { writeRecipeResult } = await import('../lib/io/features.js');
+  const w = await runWorker({ redis: redis.url, weights: WEIGHTS, out, devices: ['cpu'] });
+  try {
+    const img = images[5]!;
+    const r = await enqueue({ redis: redis.url, images: [img], recipe: { recipe: 'horse21', skipMissingLora: true, size: SIZE, seed: SEED } });
+    const done = await waitForJobs({ redis: redis.url, jobs: r.jobs });
+    t.is(done.completed, 1, JSON.stringify(done.failed));
+    const [ref] = await extractRecipe(pipe, 'horse21', [img], { skipMissingLora: true, size: SIZE, seed: SEED, amalgamate: true });
+    const refPath = join(dir, 'ref-recipe.safetensors');
+    await writeRecipeResult(refPath, ref!, 'horse21');
+    ref!.dispose();
+    t.true((await readFile(join(out, 'img-0-5.safetensors'))).equals(await readFile(refPath)));
   } finally {
     await w.close();
     await redis.stop();

@@ -8,19 +8,12 @@
  * @module
  */
 import { Command, Option, InvalidArgumentError as CliArgError } from 'commander';
+import { intArg } from './args.js';
 import type { Device } from '../native.js';
 import type { ExtractJobOptions } from '../queue/job.js';
 
 /** Options of `extract` that a worker decides, not a job. */
 const WORKER_SIDE = new Set(['weights', 'device', 'dtype', 'batchSize', 'out']);
-
-function positiveInt(name: string, max: number) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < 1 || n > max) throw new CliArgError(`${name} must be an integer in [1, ${max}], got '${v}'`);
-    return n;
-  };
-}
 
 function deviceList(v: string): Device[] {
   const ds = v.split(',').map((d) => d.trim());
@@ -176,11 +169,11 @@ export function registerQueueCommands(program: Command): void {
     .requiredOption('--out <dir>', 'output folder (a shared volume across hosts)')
     .addOption(new Option('--device <list>', 'one pipeline per device: cpu | cuda | cuda:N | auto, comma-separated').argParser(deviceList).default(['auto'] as Device[], 'auto'))
     .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
-    .option('--batch-size <n>', 'jobs with the same settings per model call', positiveInt('--batch-size', 256), 1)
-    .option('--batch-wait <ms>', 'wait this long for more jobs of the same settings before a short batch', positiveIntOrZero('--batch-wait'), 50)
-    .option('--lock-duration <ms>', 'job lock; a dead worker’s jobs are taken over after at most lock + stalled interval', positiveInt('--lock-duration', 600_000), 30_000)
-    .option('--stalled-interval <ms>', 'how often to look for jobs of dead workers', positiveInt('--stalled-interval', 600_000), 20_000)
-    .option('--max-stalled <n>', 'times a job may lose its worker before it fails', positiveInt('--max-stalled', 100), 2)
+    .option('--batch-size <n>', 'jobs with the same settings per model call', intArg('--batch-size', 1, 256), 1)
+    .option('--batch-wait <ms>', 'wait this long for more jobs of the same settings before a short batch', intArg('--batch-wait', 0, 60_000), 50)
+    .option('--lock-duration <ms>', 'job lock; a dead worker’s jobs are taken over after at most lock + stalled interval', intArg('--lock-duration', 1, 600_000), 30_000)
+    .option('--stalled-interval <ms>', 'how often to look for jobs of dead workers', intArg('--stalled-interval', 1, 600_000), 20_000)
+    .option('--max-stalled <n>', 'times a job may lose its worker before it fails', intArg('--max-stalled', 1, 100), 2)
     .option('--quiet', 'no log lines')
     .action(async (o: WorkerCli) => {
       process.exitCode = await runWorkerCli(o);
@@ -193,8 +186,8 @@ export function registerQueueCommands(program: Command): void {
     .addOption(queueOpt())
     .option('--wait', 'show progress until every job ended; exit non-zero if any failed')
     .option('--retry-failed', 'run failed jobs of the same work again (default: they count as duplicates)')
-    .option('--attempts <n>', 'attempts per job for transient failures (out of memory, I/O, Redis)', positiveInt('--attempts', 100), 5)
-    .option('--backoff <ms>', 'first retry delay, doubled per attempt', positiveInt('--backoff', 3_600_000), 2000);
+    .option('--attempts <n>', 'attempts per job for transient failures (out of memory, I/O, Redis)', intArg('--attempts', 1, 100), 5)
+    .option('--backoff <ms>', 'first retry delay, doubled per attempt', intArg('--backoff', 1, 3_600_000), 2000);
   for (const opt of extract.options) {
     if (!WORKER_SIDE.has(opt.attributeName()) && !enq.options.some((x) => x.attributeName() === opt.attributeName())) enq.addOption(opt);
   }
@@ -207,13 +200,9 @@ export function registerQueueCommands(program: Command): void {
     .description('print one JSON object: job counts by state and the failed jobs with their image and reason')
     .addOption(redisOpt())
     .addOption(queueOpt())
-    .option('--max-failed <n>', 'list at most this many failed jobs', positiveInt('--max-failed', Number.MAX_SAFE_INTEGER))
+    .option('--max-failed <n>', 'list at most this many failed jobs', intArg('--max-failed', 1, Number.MAX_SAFE_INTEGER))
     .action(async (o: { redis: string; queue: string; maxFailed?: number }) => {
       const { queueStatus } = await import('../queue/enqueue.js');
       console.log(JSON.stringify(await queueStatus({ redis: o.redis, queue: o.queue, maxFailed: o.maxFailed })));
     });
-}
-
-function positiveIntOrZero(name: string) {
-  return (v: string): number => (v.trim() === '0' ? 0 : positiveInt(name, 60_000)(v));
 }

@@ -4,16 +4,9 @@
  *
  * @module
  */
-import { Command, Option, InvalidArgumentError as CliArgError } from 'commander';
+import { Command, Option } from 'commander';
+import { intArg } from './args.js';
 import type { Device } from '../native.js';
-
-function intIn(name: string, min: number, max: number) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min || n > max) throw new CliArgError(`${name} must be an integer in [${min}, ${max}], got '${v}'`);
-    return n;
-  };
-}
 
 interface ServeCli {
   weights: string;
@@ -72,18 +65,18 @@ export function registerServeCommand(program: Command): void {
     .description('HTTP service (fastify): POST /v1/extract, with --redis POST /v1/jobs + GET /v1/jobs/:id, GET /healthz /readyz /metrics')
     .requiredOption('--weights <dir>', 'exported weights folder')
     .option('--host <host>', 'address to listen on', '127.0.0.1')
-    .option('--port <n>', 'port (0: any free one)', intIn('--port', 0, 65535), 8080)
+    .option('--port <n>', 'port (0: any free one)', intArg('--port', 0, 65535), 8080)
     .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('auto'))
     .addOption(new Option('--dtype <dtype>', 'compute dtype').choices(['auto', 'float32', 'float16']).default('auto'))
     .option('--redis <url>', 'Redis URL: enables /v1/jobs through the queue')
     .option('--queue <name>', 'queue name', 'diffusion-features')
     .option('--spool <dir>', 'with --redis: folder for uploads, as the workers see it')
     .option('--out <dir>', "with --redis: the workers' output folder (results are read from it)")
-    .option('--max-body <bytes>', 'largest request body', intIn('--max-body', 1024, 2 ** 31), 16 * 2 ** 20)
-    .option('--max-pixels <n>', 'largest decoded image (width × height)', intIn('--max-pixels', 1, 2 ** 31), 40_000_000)
-    .option('--max-size <n>', 'largest size option', intIn('--max-size', 64, 4096), 1024)
-    .option('--max-queue <n>', 'in-process requests that may wait; more get 503 + Retry-After', intIn('--max-queue', 0, 100_000), 8)
-    .option('--max-queue-jobs <n>', 'waiting queue jobs before POST /v1/jobs answers 503', intIn('--max-queue-jobs', 1, 10_000_000), 10_000)
+    .option('--max-body <bytes>', 'largest request body', intArg('--max-body', 1024, 2 ** 31), 16 * 2 ** 20)
+    .option('--max-pixels <n>', 'largest decoded image (width × height)', intArg('--max-pixels', 1, 2 ** 31), 40_000_000)
+    .option('--max-size <n>', 'largest size option', intArg('--max-size', 64, 4096), 1024)
+    .option('--max-queue <n>', 'in-process requests that may wait; more get 503 + Retry-After', intArg('--max-queue', 0, 100_000), 8)
+    .option('--max-queue-jobs <n>', 'waiting queue jobs before POST /v1/jobs answers 503', intArg('--max-queue-jobs', 1, 10_000_000), 10_000)
     .option('--log', 'log requests (pino JSON lines)')
     .action(async (o: ServeCli) => {
       process.exitCode = await runServe(o);

@@ -13,7 +13,7 @@
  * @module
  */
 import { createHash } from 'node:crypto';
-import { open } from 'node:fs/promises';
+import { open, lstat } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { resolve } from 'node:path';
 import { DiffusionFeaturesError, InvalidArgumentError, FileAccessError, LimitExceededError, fileError } from '../errors.js';
@@ -155,6 +155,16 @@ export interface RecipeJobOptions {
   size?: number;
   batchVariants?: 'auto' | 'on' | 'off';
   overwrite?: boolean;
+}
+
+/** Whether anything (file, folder, link) is at `path`. */
+export async function pathExists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Largest file a job may name (images, LoRA and noise files are hashed and read whole). */

@@ -20,7 +20,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { hostname } from 'node:os';
-import { mkdir, link, rename, unlink, lstat } from 'node:fs/promises';
+import { mkdir, link, rename } from 'node:fs/promises';
 import { Worker, UnrecoverableError, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { Tensor, type Device } from '../native.js';
@@ -28,11 +28,10 @@ import { DiffusionFeaturesError, isDiffusionFeaturesError } from '../errors.js';
 import { loadPipeline, type Pipeline, type ExtractOptions, type ImageFeatures, type ImageInput } from '../pipeline/index.js';
 import { engineOf } from '../pipeline/facade.js';
 import { streamSeed } from '../pipeline/batch.js';
-import { readNoiseFile, writeFeatures, writeRecipeResult, featureMetadata } from '../io/features.js';
-import { writeNpy } from '../io/npy.js';
-import { outputPathFor, checkExistingOutput, cleanStaleTemps, tempPathFor, removeTemp, replaceOutputDir, SettingsMismatchError, NPY_SETTINGS_FILE } from '../outputs.js';
+import { readNoiseFile, writeFeatures, writeFeaturesNpyContent, writeRecipeResult } from '../io/features.js';
+import { outputPathFor, checkExistingOutput, cleanStaleTemps, tempPathFor, removeTemp, replaceOutputDir, SettingsMismatchError } from '../outputs.js';
 import { extractRecipe } from '../recipes.js';
-import { canonicalJson, checkJobData, readJobFile, settingsKey, type ExtractJobSettings, type JobData, type JobProgress, type JobResult, type LoraRef, type RecipeJobSettings } from './job.js';
+import { canonicalJson, checkJobData, pathExists, readJobFile, settingsKey, type ExtractJobSettings, type JobData, type JobProgress, type JobResult, type LoraRef, type RecipeJobSettings } from './job.js';
 import { checkQueueName, connectRedis, type RedisTarget } from './redis.js';
 
 /** Options of {@link runWorker}. */
@@ -297,7 +296,8 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
   /** Runs one batch (jobs of the same settings) on one pipeline; settles every job of it. */
   private async runBatch(slot: Slot, batch: Held[]): Promise<void> {
     const settle = (h: Held, e: unknown): void => {
-      if (isTransient(e)) {
+      if (this.abort.signal.aborted || isTransient(e)) {
+        // a forced stop is not the job's fault: it goes back to the queue (retried) rather than failing
         this.log(`job ${h.job.id} (${h.data.image}): transient failure, will retry: ${reasonOf(e)}`);
         h.reject(e instanceof Error ? e : new Error(String(e)));
       } else {
@@ -455,7 +455,7 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
         const { i, path } = items[k]!;
         const f = { ...feats[k]!, settings: { ...feats[k]!.settings, ...stripPackaged(expected) } };
         try {
-          const written = await this.publish(path, expected, s.overwrite, (tmp) => (s.format === 'npy' ? writeFeaturesNpy(tmp, f) : writeFeatures(tmp, f)), s.format === 'npy');
+          const written = await this.publish(path, expected, s.overwrite, (tmp) => (s.format === 'npy' ? writeFeaturesNpyContent(tmp, f) : writeFeatures(tmp, f)), s.format === 'npy');
           out[i] = { output: path, written, batch, seconds: (performance.now() - t0) / 1000 };
         } catch (e) {
           out[i] = e instanceof Error ? e : new Error(String(e));
@@ -494,7 +494,7 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
       }
       try {
         if (dir) {
-          if (await exists(path)) throw Object.assign(new Error('exists'), { code: 'EEXIST' });
+          if (await pathExists(path)) throw Object.assign(new Error('exists'), { code: 'EEXIST' });
           await rename(tmp, path);
         } else {
           await link(tmp, path);
@@ -508,7 +508,7 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
         }
         if (!dir && (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'EXDEV')) {
           // no hard links on this file system: publish by rename unless an output appeared
-          if (await exists(path)) {
+          if (await pathExists(path)) {
             await this.existing(path, expected, false);
             return false;
           }
@@ -552,19 +552,6 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
   }
 }
 
-/**
- * The npy output folder of one image (`<id>.npy`, `packaged.npy`, settings.json), written into `dir`.
- * TODO(issue 10): use extract's npy writer once it is shared.
- */
-async function writeFeaturesNpy(dir: string, f: ImageFeatures): Promise<void> {
-  const { writeFile } = await import('node:fs/promises');
-  const { join } = await import('node:path');
-  await mkdir(dir);
-  for (const [id, t] of Object.entries(f.features)) await writeNpy(join(dir, `${id}.npy`), t.toFloat32Array(), t.shape);
-  if (f.packaged) await writeNpy(join(dir, 'packaged.npy'), f.packaged.toFloat32Array(), f.packaged.shape);
-  await writeFile(join(dir, NPY_SETTINGS_FILE), JSON.stringify(featureMetadata(f)));
-}
-
 /** `packaged` is what the reader adds from the tensor list, not a metadata key. */
 function stripPackaged(s: Record<string, string>): Record<string, string> {
   const { packaged: _p, ...rest } = s;
@@ -575,14 +562,6 @@ function isInputError(e: unknown): boolean {
   return isDiffusionFeaturesError(e) && ['E_IMAGE_DECODE', 'E_FILE_NOT_FOUND', 'E_FILE_ACCESS', 'E_LIMIT_EXCEEDED', 'E_INVALID_FILE'].includes(e.code);
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await lstat(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 function disposeNoise(n: { noise: Tensor; vaeNoise?: Tensor } | undefined): void {
   if (!n) return;

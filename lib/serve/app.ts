@@ -20,7 +20,7 @@
  * @module
  */
 import { createReadStream } from 'node:fs';
-import { mkdir, lstat } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
@@ -33,6 +33,7 @@ import { loadPipeline, type Pipeline } from '../pipeline/index.js';
 import { encodeFeatures } from '../io/features.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { outputPathFor } from '../outputs.js';
+import { pathExists } from '../queue/job.js';
 import { ServiceMetrics } from './metrics.js';
 import { optionsSchema, extractOptionsOf, jobOptionsOf, type ServiceOptions } from './options.js';
 
@@ -294,7 +295,7 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
       const sha = createHash('sha256').update(image).digest('hex');
       // content-addressed: the output name carries the image and settings hashes, so two uploads never share an output
       const path = join(o.spool!, `${sha.slice(0, 24)}-${settingsKey(settings).slice(0, 16)}.img`);
-      if (!(await exists(path))) await writeFileAtomic(path, [image]);
+      if (!(await pathExists(path))) await writeFileAtomic(path, [image]);
       let r;
       try {
         r = await withTimeout(enqueue({ redis: redis!, queue: o.queue, images: [path], settings, maxWaiting: o.maxQueueJobs ?? 10_000 }), 10_000);
@@ -332,7 +333,7 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
       const data = jobMod!.checkJobData(job.data);
       if (data.settings.kind !== 'extract' || data.settings.format !== 'safetensors') throw new HttpError(409, 'E_NOT_READY', 'only safetensors results are served');
       const path = outputPathFor(o.out!, data.name, 'safetensors');
-      if (!(await exists(path))) throw new HttpError(410, 'E_GONE', `the output of job ${id} is no longer there`);
+      if (!(await pathExists(path))) throw new HttpError(410, 'E_GONE', `the output of job ${id} is no longer there`);
       return reply.type('application/octet-stream').send(createReadStream(path));
     });
   }
@@ -394,14 +395,6 @@ function toHttp(err: unknown): HttpError {
   return new HttpError(500, 'E_INTERNAL', 'internal error');
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await lstat(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Resolves to undefined when `p` takes longer than `ms`. */
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
