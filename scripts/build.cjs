@@ -61,7 +61,7 @@ function buildAddon({ outDir = 'build', lt = null, jobs, inherit = true, extra =
   const j = String(jobs || process.env.DIFFUSION_FEATURES_JOBS || (os.availableParallelism ? os.availableParallelism() : os.cpus().length));
   const file = path.join(root, outDir, 'Release', 'diffusion_features.node');
   const attempt = (direct) => {
-    const args = [cmakeJs, 'compile', '-O', outDir, '-j', j, '--CDCMAKE_BUILD_TYPE=Release', ...torchFlags(lt), ...extra];
+    const args = [cmakeJs, 'compile', '-O', outDir, '--parallel', j, '--CDCMAKE_BUILD_TYPE=Release', ...torchFlags(lt), ...extra];
     if (direct) args.push('--CDDF_TORCH_DIRECT=ON');
     const r = spawnSync(process.execPath, args, {
       cwd: root, env: process.env, encoding: 'utf8', stdio: inherit ? 'inherit' : 'pipe', maxBuffer: 64 << 20,
