@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --only native,unet,pipeline,recipe,canny,heads] [--out FILE]`
+ * `npm run bench [-- --only native,unet,pipeline,recipe,canny,heads,queue,eventloop] [--out FILE]`
  *
  * Runs the benchmarks. Each one measures this implementation against a baseline in the same run and
  * prints a table with the ratio. Results can be saved (with machine and date) under bench/results/.
@@ -17,6 +17,7 @@ const suites: Record<string, string> = {
   canny: './canny.ts',
   heads: './heads.ts',
   queue: './queue.ts',
+  eventloop: './eventloop.ts',
 };
 
 const { values } = parseArgs({

@@ -245,9 +245,21 @@ class ImagePool {
 }
 
 let pool: ImagePool | undefined;
+let poolSize = Math.max(1, Math.min(2, availableParallelism()));
 function imagePool(): ImagePool {
-  pool ??= new ImagePool(Math.max(1, Math.min(2, availableParallelism())));
+  pool ??= new ImagePool(poolSize);
   return pool;
+}
+
+/**
+ * Sets how many worker threads resize large images (default min(2, CPU count)); `0` resizes on the
+ * calling thread as releases before 0.2 did (blocking the event loop for large images; for
+ * benchmarks and for hosts that forbid threads). Idle workers of the previous pool are left to exit.
+ */
+export function setImageThreads(n: number): void {
+  if (!Number.isSafeInteger(n) || n < 0 || n > 64) throw new InvalidArgumentError(`image threads must be an integer in [0, 64], got ${String(n)}`);
+  poolSize = n;
+  pool = undefined;
 }
 
 /** Bytes handed to a worker per event-loop turn (one memcpy of this size, then a transfer). */
@@ -388,8 +400,8 @@ export async function loadImage(
 
   let r: { data: Uint8Array; width: number; height: number };
   try {
-    let off = offThread === true;
-    if (offThread === 'auto' && imagePool().usable) {
+    let off = offThread === true && poolSize > 0;
+    if (offThread === 'auto' && poolSize > 0 && imagePool().usable) {
       const meta = await sharp(bytes, { limitInputPixels: false }).metadata().catch(() => undefined);
       off = !!meta && (meta.width ?? 0) * (meta.height ?? 0) > INLINE_PIXELS;
     }

@@ -228,10 +228,17 @@ test.serial('CLI extract reproduces case 1, skips existing outputs, reports unre
   const dir = await mkdtemp(join(tmpdir(), 'df-cli-'));
   try {
     const noise = join(dir, 'noise.safetensors');
-    await writeSafetensors(noise, {
-      noise: { dtype: 'F32', shape: ref.info('input.noise').shape, data: ref.float32('input.noise') },
-      vae_noise: { dtype: 'F32', shape: ref.info('input.vae_noise').shape, data: ref.float32('input.vae_noise') },
-    });
+    // one spare row (a copy of row 0) so that a third image can be given in the second run
+    const withSpare = (name: string) => {
+      const shape = ref.info(name).shape;
+      const all = ref.float32(name);
+      const per = all.length / shape[0]!;
+      const data = new Float32Array(all.length + per);
+      data.set(all);
+      data.set(all.subarray(0, per), all.length);
+      return { dtype: 'F32' as const, shape: [shape[0]! + 1, ...shape.slice(1)], data };
+    };
+    await writeSafetensors(noise, { noise: withSpare('input.noise'), vae_noise: withSpare('input.vae_noise') });
     const out = join(dir, 'out');
     const images = json.images.map((i) => imagePath(i.file));
     const args = [CLI, 'extract', '--weights', WEIGHTS, '--layers', 'legacy', '--prompt', json.prompt, '--t', '50',
@@ -248,18 +255,20 @@ test.serial('CLI extract reproduces case 1, skips existing outputs, reports unre
         t.true(e <= TOL, `CLI ${img.name} ${id}: ${e.toExponential(3)}`);
       }
     }
-    // second run: outputs exist → skipped; a broken image is reported, the run goes on, exit ≠ 0
+    // second run, same settings: outputs exist → skipped; a broken image is reported, the run goes on, exit 1
     const broken = join(dir, 'broken.png');
     await writeFile(broken, 'not an image');
-    const again = await run(process.execPath, [CLI, 'extract', '--weights', WEIGHTS, '--size', '128', '--device', 'cpu', '--out', out, broken, ...images]).then(
-      () => ({ code: 0, stderr: '' }),
-      (e: { code: number; stderr: string }) => e,
-    );
-    t.not(again.code, 0);
+    const settle = (p: Promise<unknown>) => p.then(() => ({ code: 0, stderr: '' }), (e: { code: number; stderr: string }) => e);
+    const again = await settle(run(process.execPath, [...args, broken]));
+    t.is(again.code, 1, again.stderr);
     t.regex(again.stderr, /broken\.png/);
     t.regex(again.stderr, /skip/i);
     const files = (await readdir(out)).sort();
     t.deepEqual(files, ['astronaut.safetensors', 'chelsea.safetensors']);
+    // third run, other settings (no noise file, no prompt): the existing outputs are not silently kept
+    const other = await settle(run(process.execPath, [CLI, 'extract', '--weights', WEIGHTS, '--size', '128', '--device', 'cpu', '--out', out, ...images]));
+    t.is(other.code, 2, other.stderr);
+    t.regex(other.stderr, /(astronaut|chelsea)\.safetensors exists but was written with different settings/);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

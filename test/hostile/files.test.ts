@@ -192,7 +192,8 @@ function lora(tensors: Record<string, { shape: number[]; data: Float32Array }>, 
   return encodeSafetensors(input, meta);
 }
 const KEY = 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q';
-const good = () => ({
+type Tensors = Record<string, { shape: number[]; data: Float32Array }>;
+const good = (): Tensors => ({
   [`${KEY}.lora_down.weight`]: { shape: [2, 8], data: new Float32Array(16).fill(0.1) },
   [`${KEY}.lora_up.weight`]: { shape: [8, 2], data: new Float32Array(16).fill(0.1) },
   [`${KEY}.alpha`]: { shape: [], data: new Float32Array([2]) },
@@ -203,7 +204,7 @@ test('LoRA files: non-finite or absurd factors, bad alpha, bad shapes, truncatio
   const base = join(dir, 'good.safetensors');
   await writeFile(base, lora(good()));
   t.is((await readLoraFile(base)).modules.length, 1, 'the base LoRA parses');
-  const cases: [string, Record<string, { shape: number[]; data: Float32Array }>][] = [];
+  const cases: [string, Tensors][] = [];
   for (const [name, v] of [['NaN', NaN], ['+Inf', Infinity], ['-Inf', -Infinity], ['3e38', 3e38], ['-3e38', -3e38], ['1e7', 1e7]] as const) {
     for (const part of ['lora_down', 'lora_up'] as const) {
       const g = good();
@@ -214,7 +215,7 @@ test('LoRA files: non-finite or absurd factors, bad alpha, bad shapes, truncatio
     g[`${KEY}.alpha`]!.data[0] = v;
     cases.push([`alpha ${name}`, g]);
   }
-  const shapes: [string, () => ReturnType<typeof good>][] = [
+  const shapes: [string, () => Tensors][] = [
     ['rank mismatch', () => ({ ...good(), [`${KEY}.lora_up.weight`]: { shape: [8, 3], data: new Float32Array(24) } })],
     ['3-D factor', () => ({ ...good(), [`${KEY}.lora_down.weight`]: { shape: [2, 2, 4], data: new Float32Array(16) } })],
     ['missing up', () => { const g = good(); delete (g as Record<string, unknown>)[`${KEY}.lora_up.weight`]; return g; }],
