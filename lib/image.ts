@@ -23,15 +23,16 @@
  * Hostile input (every path and byte count comes from a caller): only regular files are read (no
  * FIFO, device, socket or folder), at most `maxBytes` of them; images over `maxPixels` source pixels
  * are refused before decoding; `signal` stops reading, and stops the resize between rows. Decoding and
- * resizing of images over {@link INLINE_PIXELS} source pixels run off the event loop: sharp decodes in
- * libuv's pool, the pixels move to a worker a chunk per loop turn, and the PIL resize runs in a
- * small pool of worker threads (node:worker_threads, pure JS, created on first use, unref'd when
- * idle), so a 16k×16k PNG does not stall the event loop.
+ * resizing of images over {@link INLINE_PIXELS} source pixels run off the event loop: a small pool of
+ * worker threads (node:worker_threads, created on first use, unref'd when idle) decodes them with
+ * sharp and runs the PIL resize, so a 16k×16k PNG does not stall the event loop: only the encoded
+ * bytes and the size×size result cross threads.
  *
  * @module
  */
 import { constants as fsConstants } from 'node:fs';
 import { open } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { basename, extname } from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -139,47 +140,47 @@ export function preprocessImage(data: Uint8Array, size: number, out?: Float32Arr
 
 // ---- worker pool -------------------------------------------------------------------------------
 
-type Result = { data: Uint8Array; width: number; height: number };
-
-/** One worker thread; it resizes one image at a time. */
-interface Slot {
-  worker: Worker;
-  busy: boolean;
-  /** Settles the current image's promise (set while busy). */
-  settle?: { resolve: (v: Result) => void; reject: (e: unknown) => void };
+interface Job {
+  bytes: Uint8Array;
+  /** The bytes are ours (read from a file): their buffer may be transferred, not copied. */
+  owned: boolean;
+  size: number;
+  resample: ResampleMode;
+  maxPixels: number;
+  resolve: (v: { data: Uint8Array; width: number; height: number }) => void;
+  reject: (e: unknown) => void;
+  signal?: AbortSignal;
+  onAbort?: () => void;
 }
 
-// The worker only resizes (pure JS, no native module), so terminating it on abort is always safe.
-// Protocol per image: {begin: raw header + byte count}, {chunk, off}… (transferred), {end}.
-const WORKER_SOURCE = (): string => `
+interface Slot {
+  worker: Worker;
+  abort: Int32Array;
+  job?: Job;
+}
+
+// The worker decodes (sharp, in that thread) and resizes, so neither the decoded pixels nor the work
+// touch the main thread: only the encoded bytes go in and size×size×3 bytes come back. It is never
+// terminated while sharp may be decoding (an abort rejects at once and stops the resize between rows;
+// the decode finishes in the background and its result is dropped).
+const WORKER_SOURCE = (sharpPath: string): string => `
 'use strict';
 var __name = (f) => f;
-const { parentPort } = require('node:worker_threads');
-const core = (${imageCore.toString()})(null);
-let buf = null;
-let head = null;
+const { parentPort, workerData } = require('node:worker_threads');
+const abort = new Int32Array(workerData.abort);
+const core = (${imageCore.toString()})(require(${JSON.stringify(sharpPath)}), abort);
 parentPort.on('message', (m) => {
-  if (m.begin) {
-    head = m.begin;
-    buf = new Uint8Array(head.n);
-  } else if (m.chunk) {
-    buf.set(new Uint8Array(m.chunk), m.off);
-  } else if (m.end) {
-    try {
-      const r = core.finish({ ...head.raw, pixels: buf }, head.size);
-      parentPort.postMessage({ ok: true, data: r.data, width: r.width, height: r.height }, [r.data.buffer]);
-    } catch (e) {
-      parentPort.postMessage({ ok: false, kind: (e && e.kind) || 'decode', message: String((e && e.message) || e) });
-    }
-    buf = null;
-    head = null;
-  }
+  core.decodeResize(new Uint8Array(m.bytes), m.size, m.resample, m.maxPixels).then(
+    (r) => parentPort.postMessage({ ok: true, data: r.data, width: r.width, height: r.height }, [r.data.buffer]),
+    (e) => parentPort.postMessage({ ok: false, kind: e && e.kind || 'decode', message: String(e && e.message || e) }),
+  );
 });
 `;
 
 class ImagePool {
   private readonly slots: Slot[] = [];
-  private readonly waiting: ((s: Slot | undefined) => void)[] = [];
+  private readonly queue: Job[] = [];
+  private source?: string;
   private broken = false;
 
   constructor(private readonly max: number) {}
@@ -189,51 +190,38 @@ class ImagePool {
     return !this.broken;
   }
 
-  /** A free worker (started on demand), or undefined when none can be started. */
-  acquire(): Promise<Slot | undefined> {
-    const free = this.slots.find((s) => !s.busy) ?? (this.slots.length < this.max ? this.spawn() : undefined);
-    if (free) {
-      free.busy = true;
-      free.worker.ref();
-      return Promise.resolve(free);
-    }
-    if (this.slots.length === 0) return Promise.resolve(undefined);
-    return new Promise((resolve) => this.waiting.push(resolve));
-  }
-
-  /** Gives a worker back (or, when it was terminated, lets a waiter start a new one). */
-  release(slot: Slot): void {
-    slot.busy = false;
-    slot.settle = undefined;
-    const next = this.waiting.shift();
-    if (!next) {
-      slot.worker.unref();
-      return;
-    }
-    if (this.slots.includes(slot)) {
-      slot.busy = true;
-      next(slot);
-    } else {
-      void this.acquire().then(next);
-    }
+  run(job: Job): void {
+    this.queue.push(job);
+    this.pump();
   }
 
   private spawn(): Slot | undefined {
-    if (this.broken) return undefined;
     try {
-      const worker = new Worker(WORKER_SOURCE(), { eval: true, execArgv: [], name: 'diffusion-features image' });
-      const slot: Slot = { worker, busy: false };
+      this.source ??= WORKER_SOURCE(createRequire(import.meta.url).resolve('sharp'));
+      const abort = new Int32Array(new SharedArrayBuffer(4));
+      const worker = new Worker(this.source, { eval: true, execArgv: [], workerData: { abort: abort.buffer }, name: 'diffusion-features image' });
+      const slot: Slot = { worker, abort };
       worker.on('message', (m: { ok: boolean; data?: Uint8Array; width?: number; height?: number; kind?: string; message?: string }) => {
-        if (m.ok) slot.settle?.resolve({ data: m.data!, width: m.width!, height: m.height! });
-        else slot.settle?.reject(Object.assign(new Error(m.message), { kind: m.kind }));
+        const job = slot.job;
+        slot.job = undefined;
+        Atomics.store(slot.abort, 0, 0);
+        if (job) {
+          if (job.onAbort) job.signal?.removeEventListener('abort', job.onAbort);
+          if (m.ok) job.resolve({ data: m.data!, width: m.width!, height: m.height! });
+          else job.reject(Object.assign(new Error(m.message), { kind: m.kind }));
+        }
+        this.pump();
       });
-      const gone = (err: unknown): void => {
+      const fail = (err: unknown): void => {
         const i = this.slots.indexOf(slot);
         if (i >= 0) this.slots.splice(i, 1);
-        slot.settle?.reject(Object.assign(new Error(`image worker stopped (${(err as Error)?.message ?? String(err)})`), { kind: 'decode' }));
+        const job = slot.job;
+        slot.job = undefined;
+        job?.reject(Object.assign(new Error(`image worker stopped (${(err as Error)?.message ?? String(err)})`), { kind: 'decode' }));
+        this.pump();
       };
-      worker.on('error', gone);
-      worker.on('exit', (code) => gone(new Error(`exit code ${code}`)));
+      worker.on('error', fail);
+      worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
       worker.unref();
       this.slots.push(slot);
       return slot;
@@ -241,6 +229,38 @@ class ImagePool {
       this.broken = true;
       return undefined;
     }
+  }
+
+  private pump(): void {
+    while (this.queue.length) {
+      let slot = this.slots.find((s) => !s.job);
+      if (!slot && this.slots.length < this.max) slot = this.spawn();
+      if (!slot) {
+        if (this.broken && this.slots.length === 0) {
+          // no thread could be started: run the waiting jobs here rather than fail them
+          for (const job of this.queue.splice(0)) core.decodeResize(job.bytes, job.size, job.resample, job.maxPixels).then(job.resolve, job.reject);
+        }
+        return;
+      }
+      const job = this.queue.shift()!;
+      if (job.signal?.aborted) {
+        job.reject(Object.assign(new Error('image loading aborted'), { kind: 'aborted' }));
+        continue;
+      }
+      slot.job = job;
+      Atomics.store(slot.abort, 0, 0);
+      if (job.signal) {
+        const s = slot;
+        job.onAbort = () => Atomics.store(s.abort, 0, 1);
+        job.signal.addEventListener('abort', job.onAbort, { once: true });
+      }
+      slot.worker.ref();
+      // a caller's buffer is never transferred (it would be detached under them): copied instead
+      const whole = job.bytes.byteOffset === 0 && job.bytes.byteLength === job.bytes.buffer.byteLength && job.bytes.buffer instanceof ArrayBuffer;
+      const bytes = job.owned && whole ? (job.bytes.buffer as ArrayBuffer) : new Uint8Array(job.bytes).buffer; // (Buffer#slice does not copy)
+      slot.worker.postMessage({ bytes, size: job.size, resample: job.resample, maxPixels: job.maxPixels }, [bytes]);
+    }
+    for (const s of this.slots) if (!s.job) s.worker.unref();
   }
 }
 
@@ -252,8 +272,8 @@ function imagePool(): ImagePool {
 }
 
 /**
- * Sets how many worker threads resize large images (default min(2, CPU count)); `0` resizes on the
- * calling thread as releases before 0.2 did (blocking the event loop for large images; for
+ * Sets how many worker threads decode and resize large images (default min(2, CPU count)); `0` does
+ * it on the calling thread as releases before 0.2 did (blocking the event loop for large images; for
  * benchmarks and for hosts that forbid threads). Idle workers of the previous pool are left to exit.
  */
 export function setImageThreads(n: number): void {
@@ -262,48 +282,18 @@ export function setImageThreads(n: number): void {
   pool = undefined;
 }
 
-/** Bytes handed to a worker per event-loop turn (one memcpy of this size, then a transfer). */
-const HANDOFF_CHUNK = 2 * 1024 * 1024;
-
-const abortedError = (): Error => Object.assign(new Error('image loading aborted'), { kind: 'aborted' });
-
-/**
- * Decodes with sharp (in libuv's pool), hands the pixels to a worker thread a chunk per event-loop
- * turn (copied chunk by chunk, then transferred), and resizes them there. An abort rejects at once and
- * terminates the worker.
- */
-async function decodeOffThread(bytes: Uint8Array, size: number, resample: ResampleMode, maxPixels: number, signal?: AbortSignal): Promise<Result> {
-  const raw = await core.decodeRaw(bytes, size, resample, maxPixels);
-  if (signal?.aborted) throw abortedError();
-  const slot = await imagePool().acquire();
-  if (!slot) return core.finish(raw, size); // no thread could be started: resize here
-  try {
-    if (signal?.aborted) throw abortedError();
-    const result = new Promise<Result>((resolve, reject) => (slot.settle = { resolve, reject }));
-    result.catch(() => undefined);
-    const onAbort = (): void => {
-      slot.settle?.reject(abortedError());
-      void slot.worker.terminate();
-    };
+function decodeOffThread(bytes: Uint8Array, owned: boolean, size: number, resample: ResampleMode, maxPixels: number, signal?: AbortSignal) {
+  return new Promise<{ data: Uint8Array; width: number; height: number }>((resolve, reject) => {
+    // an abort rejects at once; the worker stops at its next check and its result is dropped
+    const onAbort = (): void => reject(Object.assign(new Error('image loading aborted'), { kind: 'aborted' }));
     signal?.addEventListener('abort', onAbort, { once: true });
-    try {
-      const { pixels, ...rest } = raw;
-      const n = pixels.length;
-      slot.worker.postMessage({ begin: { raw: rest, n, size } });
-      for (let off = 0; off < n; off += HANDOFF_CHUNK) {
-        if (signal?.aborted) throw abortedError();
-        const chunk = pixels.slice(off, Math.min(n, off + HANDOFF_CHUNK));
-        slot.worker.postMessage({ chunk: chunk.buffer, off }, [chunk.buffer]);
-        if (off + HANDOFF_CHUNK < n) await new Promise((r) => setImmediate(r));
-      }
-      slot.worker.postMessage({ end: true });
-      return await result;
-    } finally {
-      signal?.removeEventListener('abort', onAbort);
-    }
-  } finally {
-    imagePool().release(slot);
-  }
+    const done = (): void => signal?.removeEventListener('abort', onAbort);
+    imagePool().run({
+      bytes, owned, size, resample, maxPixels, signal,
+      resolve: (v) => { done(); resolve(v); },
+      reject: (e) => { done(); reject(e); },
+    });
+  });
 }
 
 // ---- reading -----------------------------------------------------------------------------------
@@ -385,6 +375,7 @@ export async function loadImage(
   const aborted = (): AbortError => new AbortError(`loading ${label} aborted`, { cause: signal?.reason });
   if (signal?.aborted) throw aborted();
   let bytes: Uint8Array;
+  const owned = typeof input === 'string';
   if (typeof input === 'string') {
     if (input.length === 0) throw new InvalidArgumentError('image path is empty');
     if (input.includes('\0')) throw new InvalidArgumentError(`image path ${JSON.stringify(input)} contains a NUL character`);
@@ -405,7 +396,7 @@ export async function loadImage(
       const meta = await sharp(bytes, { limitInputPixels: false }).metadata().catch(() => undefined);
       off = !!meta && (meta.width ?? 0) * (meta.height ?? 0) > INLINE_PIXELS;
     }
-    r = off ? await decodeOffThread(bytes, size, resample, maxPixels, signal) : await core.decodeResize(bytes, size, resample, maxPixels);
+    r = off ? await decodeOffThread(bytes, owned, size, resample, maxPixels, signal) : await core.decodeResize(bytes, size, resample, maxPixels);
   } catch (e) {
     const kind = (e as { kind?: string }).kind;
     const msg = (e as Error).message;
