@@ -500,7 +500,10 @@ function fromRawResult(v: unknown, A: Addon): IValue {
   if (v instanceof (A.RawTensor as unknown as new () => RawTensor)) return wrapTensor(v as RawTensor);
   if (Array.isArray(v)) return v.map((x) => fromRawResult(x, A));
   const out: Record<string, IValue> = {};
-  for (const [k, x] of Object.entries(v as Record<string, unknown>)) out[k] = fromRawResult(x, A);
+  for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
+    // an own property even for '__proto__' (assignment would replace the result's prototype)
+    Object.defineProperty(out, k, { value: fromRawResult(x, A), enumerable: true, writable: true, configurable: true });
+  }
   return out;
 }
 

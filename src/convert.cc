@@ -236,7 +236,8 @@ Napi::Value FromIValue(Napi::Env env, const c10::IValue& v) {
       else if (k.isDouble()) key = std::to_string(k.toDouble());
       else if (k.isBool()) key = k.toBool() ? "true" : "false";
       else throw MakeError(env, "cannot convert a dict with " + k.tagKind() + " keys to a JS object");
-      o.Set(key, FromIValue(env, entry.value()));
+      // An own data property even for "__proto__" (o[key] = v would replace the object's prototype).
+      o.DefineProperty(Napi::PropertyDescriptor::Value(key, FromIValue(env, entry.value()), napi_default_jsproperty));
     }
     return o;
   }

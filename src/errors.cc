@@ -70,11 +70,16 @@ std::string CleanMessage(const std::exception& e) {
 const char* ErrorCodeOf(const std::exception& e) {
   if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr) return "E_OUT_OF_MEMORY";
   if (dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr) return "E_OUT_OF_MEMORY";
-  if (dynamic_cast<const c10::Error*>(&e) != nullptr) {
-    const std::string msg = static_cast<const c10::Error&>(e).what_without_backtrace();
-    // DefaultCPUAllocator: "not enough memory: you tried to allocate ..."; ours: "out of memory allocating".
-    if (msg.find("not enough memory") != std::string::npos || msg.find("CPU allocator: out of memory") != std::string::npos)
-      return "E_OUT_OF_MEMORY";
+  // The TorchScript interpreter rethrows what a method raised as a plain std::runtime_error with the
+  // original message, so allocation failures inside a forward are recognised by their messages:
+  // DefaultCPUAllocator "not enough memory: you tried to allocate", ours "CPU allocator: out of memory",
+  // the CUDA caching allocator "CUDA out of memory".
+  const std::string msg = dynamic_cast<const c10::Error*>(&e) != nullptr
+                              ? static_cast<const c10::Error&>(e).what_without_backtrace()
+                              : e.what();
+  for (const char* needle : {"DefaultCPUAllocator: not enough memory", "CPU allocator: out of memory", "CUDA out of memory",
+                             "std::bad_alloc"}) {
+    if (msg.find(needle) != std::string::npos) return "E_OUT_OF_MEMORY";
   }
   return "E_TORCH";
 }

@@ -723,3 +723,31 @@ test('disposed tensors and modules: E_DISPOSED from the raw addon too', async (t
   t.is(await codeOf(() => m.call('forward', [raw.RawTensor.fromTypedArray(new Float32Array([1]), [1], 'float32')])), 'E_DISPOSED');
   t.is(await codeOf(() => m.getParameter('x')), 'E_DISPOSED');
 });
+
+test('an allocation failure inside a TorchScript method is E_OUT_OF_MEMORY, and the process goes on', async (t) => {
+  const ops = await ScriptModule.load(join(root, 'models', 'ops.pt'));
+  const x = await Tensor.randn([1, 1024], { seed: 0 });
+  // 2^40 copies of 4 KiB: the allocator is asked for 4 PiB inside the interpreter
+  const e = await rejects(t, ops.call('repeat_batch', x, 2 ** 40), /out of memory/, 'E_OUT_OF_MEMORY');
+  t.regex(e!.message, /repeat_batch\(\)/);
+  t.deepEqual(((await ops.call('repeat_batch', x, 2)) as Tensor).shape, [2, 1024]);
+  ops.dispose();
+});
+
+test("a result dict with the key '__proto__' stays a plain own property (found by the native fuzz target)", async (t) => {
+  const out = (await dicts.forward(JSON.parse('{"__proto__": null}') as IValue, 2).catch(() => null));
+  t.is(out, null); // a null value is not a Tensor: refused
+  const d = Object.create(null) as Record<string, IValue>;
+  d['__proto__'] = f32(1, 2);
+  const r = (await dicts.forward(d, 3)) as Record<string, Tensor>;
+  t.is(Object.getPrototypeOf(r), Object.prototype);
+  t.deepEqual(Object.keys(r), ['__proto__', 'total']);
+  t.true(Object.prototype.hasOwnProperty.call(r, '__proto__'));
+  t.deepEqual(Object.getOwnPropertyDescriptor(r, '__proto__')!.value.toArray(), [3, 6]);
+  const raw = rawAddon();
+  const rm = await raw.loadModule(path('dicts.pt'), 'cpu', null);
+  const arg = Object.fromEntries([['__proto__', raw.RawTensor.fromTypedArray(new Float32Array([1]), [1], 'float32')]]);
+  const rr = (await rm.call('forward', [arg, 1])) as object;
+  t.is(Object.getPrototypeOf(rr), Object.prototype);
+  rm.dispose();
+});

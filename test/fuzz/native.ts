@@ -18,6 +18,8 @@ import { ensureNativeFixtures } from '../lifecycle/fixtures.js';
 const require = createRequire(import.meta.url);
 const RUNS = Number(process.env.DF_FUZZ_RUNS ?? 100_000);
 const SEED = Number(process.env.DF_FUZZ_SEED ?? 20261202);
+/** Replays one failing case: DF_FUZZ_PATH from a report (with the same seed). */
+const REPLAY = process.env.DF_FUZZ_PATH ? { path: process.env.DF_FUZZ_PATH, endOnFailure: true } : {};
 const A = require('../../binding/index.cjs').load() as RawAddon;
 const dir = ensureNativeFixtures();
 const CODES = new Set(['E_INVALID_ARGUMENT', 'E_DISPOSED', 'E_TORCH', 'E_OUT_OF_MEMORY', 'E_LIMIT_EXCEEDED', 'E_NOT_FOUND']);
@@ -130,7 +132,7 @@ const targets: Record<string, Target> = {
         }));
         while (live.length) live.pop()!.dispose();
       }),
-      { numRuns: RUNS, seed: SEED },
+      { numRuns: RUNS, seed: SEED, ...REPLAY },
     );
     return { target: 'ivalue', runs: RUNS, seconds: 0, outcomes };
   },
@@ -163,7 +165,7 @@ const targets: Record<string, Target> = {
             }));
           }
         }),
-      { numRuns: RUNS, seed: SEED },
+      { numRuns: RUNS, seed: SEED, ...REPLAY },
     );
     return { target: 'tensor', runs: RUNS, seconds: 0, outcomes };
   },
@@ -186,7 +188,7 @@ for (const [name, run] of Object.entries(targets)) {
     console.log(JSON.stringify(r));
   } catch (e) {
     failed = true;
-    console.log(JSON.stringify({ target: `native:${name}`, runs: RUNS, seconds: Math.round((performance.now() - t0) / 100) / 10, failure: String((e as Error).message).slice(0, 3000) }));
+    console.log(JSON.stringify({ target: `native:${name}`, runs: RUNS, seconds: Math.round((performance.now() - t0) / 100) / 10, failure: `${String((e as Error).message).slice(0, 2000)} | cause: ${String((e as Error).cause instanceof Error ? ((e as Error).cause as Error).message : (e as Error).cause).slice(0, 1000)}` }));
   }
 }
 process.exitCode = failed ? 1 : 0;
