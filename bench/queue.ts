@@ -8,11 +8,12 @@
  *                timed from enqueue to the last completion. Overhead per job = (ours − baseline) / images;
  *                ratio = ours / baseline (target < 1.05). The two sides alternate, best of
  *                BENCH_QUEUE_REPEATS (2), so load from other work on the machine hits both.
- *   throughput — images/s through the queue with 1 and with 2 worker processes (`diffusion-features worker`),
+ *   throughput — images/s through the queue with 1 and with 2 worker processes (`diffusion-features worker`)
+ *                at BENCH_QUEUE_TP_SIZE (default: BENCH_QUEUE_SIZE) px,
  *                the cores split between them (OMP_NUM_THREADS = cores / workers), timed from enqueue to the
  *                last completion; model load is not timed (workers report ready first).
  *
- * Env: BENCH_QUEUE_SIZE (512), BENCH_QUEUE_IMAGES (4), BENCH_QUEUE_REPEATS (2), BENCH_QUEUE_PARTS
+ * Env: BENCH_QUEUE_SIZE (512), BENCH_QUEUE_TP_SIZE, BENCH_QUEUE_IMAGES (4), BENCH_QUEUE_REPEATS (2), BENCH_QUEUE_PARTS
  * (overhead,throughput), DF_BENCH_SD15, OMP_NUM_THREADS.
  */
 import { mkdtempSync, rmSync, readdirSync, copyFileSync, mkdirSync } from 'node:fs';
@@ -107,6 +108,8 @@ export async function run(): Promise<string> {
     }
     if (parts.includes('throughput')) {
       const rows: (string | number)[][] = [];
+      const tpSize = Number(process.env.BENCH_QUEUE_TP_SIZE ?? size);
+      const tpOpts = { ...opts, size: tpSize };
       for (const workers of [1, 2]) {
         const out = join(work, `tp${workers}`);
         const per = Math.max(1, Math.floor(cores / workers));
@@ -127,10 +130,10 @@ export async function run(): Promise<string> {
         });
         await Promise.all(procs.map((x) => x.ready));
         // one untimed warm-up job per worker
-        const warm = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs.slice(0, workers), extract: { ...opts, seed: 777 } });
+        const warm = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs.slice(0, workers), extract: { ...tpOpts, seed: 777 } });
         await waitForJobs({ redis: redis.url, queue: `tp${workers}`, jobs: warm.jobs, pollMs: 20 });
         const t0 = performance.now();
-        const r = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs, extract: opts });
+        const r = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs, extract: tpOpts });
         const w = await waitForJobs({ redis: redis.url, queue: `tp${workers}`, jobs: r.jobs, pollMs: 20 });
         const s = since(t0);
         for (const x of procs) x.p.kill('SIGTERM');
@@ -138,7 +141,7 @@ export async function run(): Promise<string> {
         if (w.completed !== imgs.length) throw new Error(`throughput ${workers}: ${w.completed}/${imgs.length} completed`);
         rows.push([workers, per, imgs.length, fmt(s), fmt(imgs.length / s), readdirSync(out).filter((f) => f.endsWith('.safetensors')).length]);
       }
-      lines.push('', '### throughput through the queue (worker processes on this machine)', table(['workers', 'threads each', 'images', 'seconds', 'images/s', 'outputs'], rows));
+      lines.push('', `### throughput through the queue (worker processes on this machine, ${tpSize} px)`, table(['workers', 'threads each', 'images', 'seconds', 'images/s', 'outputs'], rows));
       const r1 = Number(rows[0]![4]);
       const r2 = Number(rows[1]![4]);
       lines.push(`2 workers / 1 worker: ${(r2 / r1).toFixed(2)}× (${cores} cores shared: two pipelines split the same cores, so no gain is expected on the CPU)`);

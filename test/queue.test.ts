@@ -324,3 +324,39 @@ test.serial('recipe jobs write what recipe writes for that image alone', async (
     await redis.stop();
   }
 });
+
+test.serial('--noise and --format npy jobs: npy folders identical to extract of the image alone with that noise', async (t) => {
+  const redis = await startRedis();
+  const out = join(dir, 'out-npy');
+  const { runWorker } = await import('../lib/queue/worker.js');
+  const { waitForJobs } = await import('../lib/queue/enqueue.js');
+  const { writeSafetensors } = await import('../lib/io/safetensors.js');
+  const { readNoiseFile, writeFeaturesNpy } = await import('../lib/io/features.js');
+  const noisePath = join(dir, 'noise.safetensors');
+  const rnd = (n: number): Float32Array => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 12.9898) * 1.7);
+  await writeSafetensors(noisePath, { noise: { dtype: 'F32', shape: [1, 4, 8, 8], data: rnd(256) }, vae_noise: { dtype: 'F32', shape: [1, 4, 8, 8], data: rnd(256).reverse() } });
+  const w = await runWorker({ redis: redis.url, weights: WEIGHTS, out, devices: ['cpu'] });
+  try {
+    const some = images.slice(10, 12);
+    const r = await enqueue({ redis: redis.url, images: some, extract: { size: SIZE, noise: noisePath, format: 'npy' } });
+    const done = await waitForJobs({ redis: redis.url, jobs: r.jobs });
+    t.is(done.completed, 2, JSON.stringify(done.failed));
+    for (const img of some) {
+      const noise = await readNoiseFile(noisePath);
+      const [f] = await pipe.extract([img], { layers: 'legacy', size: SIZE, noise });
+      const ref = join(dir, 'ref-npy');
+      await rm(ref, { recursive: true, force: true });
+      await writeFeaturesNpy(ref, f!);
+      f!.dispose();
+      noise.noise.dispose();
+      noise.vaeNoise?.dispose();
+      const name = img.slice(img.lastIndexOf('/') + 1).replace(/\.png$/, '');
+      const files = (await readdir(ref)).sort();
+      t.deepEqual((await readdir(join(out, name))).sort(), files);
+      for (const file of files) t.true((await readFile(join(out, name, file))).equals(await readFile(join(ref, file))), `${name}/${file}`);
+    }
+  } finally {
+    await w.close();
+    await redis.stop();
+  }
+});
