@@ -354,3 +354,46 @@ test('amalgamation network: trains on keypoint pairs, reports PCK, is read back'
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('CLI: segment straight from images (--weights + extract options) gives the labels of segment --features', async (t) => {
+  const weights = join(root, 'models', 'micro');
+  if (!existsSync(join(weights, 'model.json'))) {
+    t.log('models/micro is not exported here: skipped');
+    t.pass();
+    return;
+  }
+  const dir = await mkdtemp(join(tmpdir(), 'df-heads-img-'));
+  try {
+    const cli = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { cwd: root, encoding: 'utf8' });
+    const images = ['astronaut.png', 'chelsea.png'].map((f) => join(root, 'test', 'fixtures', 'images', f));
+    const extractOpts = ['--weights', weights, '--size', '64', '--seed', '4', '--device', 'cpu'];
+    const feats = join(dir, 'features');
+    const ex = cli(['extract', ...extractOpts, '--no-progress', '--out', feats, ...images]);
+    t.is(ex.status, 0, ex.stderr);
+    const { readFeatures } = await import('../lib/heads/data.js');
+    const { layout } = await readFeatures(join(feats, 'astronaut.safetensors'));
+    const [g] = layout.grid;
+    const masks = join(dir, 'masks');
+    await mkdir(masks);
+    for (const [i, n] of ['astronaut', 'chelsea'].entries()) {
+      const m = new Uint8Array(4 * g * g).map((_, p) => ((p % (2 * g)) < g + i ? 0 : 1)); // left | right
+      await writeMaskPng(join(masks, `${n}.png`), m, 2 * g);
+    }
+    const head = join(dir, 'h.pt');
+    const tr = cli(['train-segmenter', '--features', feats, '--masks', masks, '--out', head, '--ensemble', '1', '--epochs', '2', '--no-progress']);
+    t.is(tr.status, 0, tr.stderr);
+    const a = cli(['segment', '--segmenter', head, '--features', feats, '--out', join(dir, 'a'), '--no-progress']);
+    t.is(a.status, 0, a.stderr);
+    const b = cli(['segment', '--segmenter', head, ...extractOpts, '--out', join(dir, 'b'), '--no-progress', ...images]);
+    t.is(b.status, 0, b.stderr);
+    for (const n of ['astronaut', 'chelsea']) {
+      const la = await readMask(join(dir, 'a', `${n}.png`));
+      const lb = await readMask(join(dir, 'b', `${n}.png`));
+      t.deepEqual([lb.width, lb.height], [2 * g, 2 * g]);
+      t.deepEqual([...lb.data], [...la.data], n);
+    }
+    t.deepEqual((await readdir(tmpdir())).filter((f) => f.startsWith('df-segment-')), [], 'temporary features removed');
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

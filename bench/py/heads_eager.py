@@ -58,6 +58,7 @@ while done < steps:
     opt.step()
     done += 1
 train = time.perf_counter() - t0
+train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 # segmentation of one image with an ensemble of `members` classifiers: upsample, classify, vote
 model.eval()
@@ -73,5 +74,5 @@ with torch.no_grad():
             votes[s:s + 4096].scatter_add_(1, pred.unsqueeze(1), torch.ones_like(pred).unsqueeze(1))
     labels_out = votes.argmax(1)
 segment = time.perf_counter() - t0
-print(json.dumps({'prepare_s': prepare, 'train_s': train, 'steps': steps, 'pixels_per_s': steps * 64 / train, 'segment_s': segment,
+print(json.dumps({'prepare_s': prepare, 'train_s': train, 'steps': steps, 'pixels_per_s': steps * 64 / train, 'segment_s': segment, 'train_rss_mb': train_rss,
                   'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

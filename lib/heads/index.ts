@@ -258,7 +258,7 @@ export async function trainSegmenter(opts: TrainSegmenterOptions): Promise<Train
     let validation: TrainSegmenterResult['validation'];
     if (opts.valMasks) {
       progress({ stage: 'validate' });
-      const seg = new Segmenter(ensemble, layout, classes, [H, W], opts.out);
+      const seg = new Segmenter(ensemble, layout, classes, [H, W], opts.out, members);
       validation = await validate(seg, opts.valMasks, opts.valFeatures ?? opts.features, opts.signal);
     }
     checkSignal(opts.signal, 'trainSegmenter');
@@ -323,10 +323,13 @@ export class Segmenter {
   /** Label map size of the training masks [H, W] (the default output size). */
   readonly maskSize: [number, number];
   readonly file: string;
+  /** Classifiers in the ensemble. */
+  readonly members: number;
 
   /** @internal */
-  constructor(head: RawHead, layout: InputLayout, classes: number, maskSize: [number, number], file: string) {
+  constructor(head: RawHead, layout: InputLayout, classes: number, maskSize: [number, number], file: string, members: number) {
     this.#head = head;
+    this.members = members;
     this.layout = layout;
     this.classes = classes;
     this.maskSize = maskSize;
@@ -340,7 +343,7 @@ export class Segmenter {
       const a = await nativeCall(() => head.attributes());
       if (a.kind !== 'gate-pixel-classifier') throw new InvalidFileError(file, `is not a trained segmenter (kind ${String(a.kind)})`);
       const layout = decodeLayout((a.feature_names as string[]) ?? [], file);
-      return new Segmenter(head, layout, a.classes as number, a.out_size as [number, number], file);
+      return new Segmenter(head, layout, a.classes as number, a.out_size as [number, number], file, a.members as number);
     } catch (err) {
       head.dispose();
       throw err;
@@ -367,7 +370,8 @@ export class Segmenter {
     let y: RawTensor | undefined;
     try {
       x = (await nativeCall(() => head.call('pack', [parts]))) as RawTensor;
-      const chunk = Math.max(256, Math.min(65536, Math.floor((1 << 26) / (4 * D))));
+      // ~64 MiB of pixel vectors per member and chunk: the members' batched products stay bounded
+      const chunk = Math.max(64, Math.min(65536, Math.floor((1 << 26) / (4 * D * this.members))));
       y = (await nativeCall(() => head.call('segment', [x, H, W, chunk]))) as RawTensor;
       const v = y.toArray();
       if (v.length !== H * W) throw new InvalidFileError(this.file, `segment() returned ${v.length} labels for ${W}×${H} (${source}, ${gw}×${gh} features)`);
