@@ -7,7 +7,7 @@ import test from 'ava';
 import { chmod, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
-import { deflateSync } from 'node:zlib';
+import { pngWithHeader } from './hostile/helpers.js';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -303,38 +303,6 @@ test('bad input gives clear typed errors, never a crash', async (t) => {
   // a valid image still loads after all that
   t.is((await loadImage(join(RES, 'l.png'), 8)).data.length, 8 * 8 * 3);
 });
-
-const CRC_TABLE = Int32Array.from({ length: 256 }, (_, n) => {
-  let c = n;
-  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-  return c;
-});
-function crc32(b: Uint8Array): number {
-  let c = -1;
-  for (const x of b) c = CRC_TABLE[(c ^ x) & 0xff]! ^ (c >>> 8);
-  return (c ^ -1) >>> 0;
-}
-/** A PNG signature + a valid IHDR chunk declaring width×height RGB (no pixel data): a header-only "bomb". */
-export function pngWithHeader(width: number, height: number): Buffer {
-  const ihdr = Buffer.alloc(13);
-  ihdr.writeUInt32BE(width, 0);
-  ihdr.writeUInt32BE(height, 4);
-  ihdr.set([8, 2, 0, 0, 0], 8);
-  const body = Buffer.concat([Buffer.from('IHDR'), ihdr]);
-  const crc = Buffer.alloc(4);
-  crc.writeUInt32BE(crc32(body));
-  const len = Buffer.alloc(4);
-  len.writeUInt32BE(13);
-  const chunk = (type: string, data: Buffer): Buffer => {
-    const b = Buffer.concat([Buffer.from(type), data]);
-    const l = Buffer.alloc(4);
-    l.writeUInt32BE(data.length);
-    const c = Buffer.alloc(4);
-    c.writeUInt32BE(crc32(b));
-    return Buffer.concat([l, b, c]);
-  };
-  return Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), len, body, crc, chunk('IDAT', deflateSync(Buffer.alloc(64))), chunk('IEND', Buffer.alloc(0))]);
-}
 
 test('special files are refused without blocking: FIFO, /dev/zero link, socket; EACCES is not "not found"', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'df-image-special-'));
