@@ -214,3 +214,44 @@ test.serial('examples/service.ts (embedding the library in your own server) answ
     await ex.close();
   }
 });
+
+test.serial('POST /v1/jobs + GET /v1/jobs/:id through Redis and a worker; the result is what /v1/extract answers; a full queue is 503', async (t) => {
+  const { startRedis } = await import('./helpers/redis.js');
+  const { runWorker } = await import('../lib/queue/worker.js');
+  const redis = await startRedis();
+  const spool = join(dir, 'spool');
+  const out = join(dir, 'jobs-out');
+  const q = await createServer({ pipeline: svc.pipeline, redis: redis.url, spool, out, maxQueueJobs: 1 });
+  const base = await q.listen({ port: 0 });
+  try {
+    const submit = (query: string): Promise<Response> => fetch(`${base}/v1/jobs?${query}`, { method: 'POST', body: IMG });
+    const first = await submit('size=128&seed=4');
+    t.is(first.status, 202);
+    const { id, duplicate } = (await first.json()) as { id: string; duplicate: boolean };
+    t.false(duplicate);
+    t.is(((await (await submit('size=128&seed=4')).json()) as { duplicate: boolean }).duplicate, true, 'the same upload and options are one job');
+    const full = await submit('size=128&seed=5');
+    t.is(full.status, 503, 'one job waits: the queue is full');
+    t.is(full.headers.get('retry-after'), '5');
+    t.is((await fetch(`${base}/v1/jobs/df-${'0'.repeat(48)}`)).status, 404);
+    t.is((await fetch(`${base}/v1/jobs/..%2F..%2Fetc%2Fpasswd`)).status, 400);
+    const w = await runWorker({ redis: redis.url, weights: WEIGHTS, out, devices: ['cpu'] });
+    try {
+      let state = '';
+      for (let k = 0; k < 600 && state !== 'completed' && state !== 'failed'; k++) {
+        state = ((await (await fetch(`${base}/v1/jobs/${id}`)).json()) as { state: string }).state;
+        if (state !== 'completed') await new Promise((r) => setTimeout(r, 100));
+      }
+      t.is(state, 'completed');
+      const result = Buffer.from(await (await fetch(`${base}/v1/jobs/${id}/result`)).arrayBuffer());
+      const direct = await post('/v1/extract?size=128&seed=4', IMG);
+      t.true(result.equals(direct.bytes), 'the worker wrote what /v1/extract answers');
+    } finally {
+      await w.close();
+    }
+    t.is((await fetch(`${base}/readyz`)).status, 200);
+  } finally {
+    await q.close();
+    await redis.stop();
+  }
+});

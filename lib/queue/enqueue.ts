@@ -44,7 +44,7 @@ export interface EnqueueOptions extends RetryOptions {
   settings?: JobSettings;
   /** Re-run jobs of this work that are in the failed state (default: they count as duplicates). */
   retryFailed?: boolean;
-  /** Refuse to add when more than this many jobs wait (the service's bound); default: no bound. */
+  /** Refuse to add new jobs beyond this many waiting ones (the service's bound); default: no bound. */
   maxWaiting?: number;
 }
 
@@ -140,10 +140,6 @@ export async function enqueue(o: EnqueueOptions): Promise<EnqueueResult> {
   }
   if (!jobs.length) return { added: 0, duplicates: 0, jobs, rejected };
   return withQueue(o.redis, o.queue, 'quick', async (q, redis) => {
-    if (o.maxWaiting !== undefined) {
-      const waiting = await q.getWaitingCount();
-      if (waiting >= o.maxWaiting) throw new QueueFullError(waiting, o.maxWaiting);
-    }
     // The first image of each id carries the job; repeats in the same call are duplicates.
     const seen = new Set<string>();
     const unique = jobs.filter((j) => !seen.has(j.id) && !!seen.add(j.id));
@@ -157,6 +153,11 @@ export async function enqueue(o: EnqueueOptions): Promise<EnqueueResult> {
         return n === 1;
       });
       const fresh = chunk.filter((_, k) => !exists[k]);
+      if (fresh.length && o.maxWaiting !== undefined) {
+        // only new work is refused: a duplicate of queued work is answered as such
+        const waiting = await q.getWaitingCount();
+        if (waiting + fresh.length > o.maxWaiting) throw new QueueFullError(waiting, o.maxWaiting);
+      }
       if (fresh.length) await q.addBulk(fresh.map((j) => ({ name: j.data.settings.kind, data: j.data, opts: jobOptions(j.id, o) })));
       for (const j of fresh) j.added = true;
       added += fresh.length;
