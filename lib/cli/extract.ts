@@ -123,10 +123,10 @@ async function triage(paths: readonly string[], expected: Record<string, string>
  * Ctrl-C / SIGTERM during a run: stop at once, remove this process's temporaries in `out`, restore the
  * cursor, print how to resume, exit 130 (143 for SIGTERM). Returns the uninstaller.
  */
-function onInterrupt(out: string, bar: { stop(): void } | null, status: () => string): () => void {
+function onInterrupt(out: string, bar: () => { stop(): void } | null, status: () => string): () => void {
   const handler = (sig: NodeJS.Signals): void => {
     try {
-      bar?.stop();
+      bar()?.stop();
     } catch {
       // the bar may be half-drawn
     }
@@ -179,13 +179,21 @@ export async function runExtract(images: string[], o: ExtractCli, pipelineIn?: P
   await startRun(o.out);
   const paths = names.map((n) => outputPathFor(o.out, n, o.format));
 
-  const pipeline = pipelineIn ?? (await loadPipeline(o.weights, { device: o.device, dtype: o.dtype }));
-  const ac = new AbortController();
-  const bar = progressBar('extract |{bar}| {value}/{total} images | {stage} | eta {eta_formatted}', o.progress);
-  const failures: string[] = [];
   let written = 0;
   let todo: number[] = [];
-  const uninstall = onInterrupt(o.out, bar, () => `${written} of ${todo.length} image(s) written to ${resolve(o.out)}`);
+  let bar: cliProgress.SingleBar | null = null;
+  // installed before the models load, so that Ctrl-C at any point exits 130 the same way
+  const uninstall = onInterrupt(o.out, () => bar, () => `${written} of ${todo.length || images.length} image(s) written to ${resolve(o.out)}`);
+  let pipeline: Pipeline;
+  try {
+    pipeline = pipelineIn ?? (await loadPipeline(o.weights, { device: o.device, dtype: o.dtype }));
+  } catch (e) {
+    uninstall();
+    throw e;
+  }
+  const ac = new AbortController();
+  bar = progressBar('extract |{bar}| {value}/{total} images | {stage} | eta {eta_formatted}', o.progress);
+  const failures: string[] = [];
   let noise: { noise: Tensor; vaeNoise?: Tensor } | undefined;
   let skipped = 0;
   try {
@@ -318,12 +326,19 @@ export async function runRecipe(images: string[], o: RecipeCli): Promise<number>
   }
   if (t.skipped) console.error(`${t.skipped} image(s) already have output (use --overwrite)`);
   if (!t.todo.length) return 0;
-  const pipeline = await loadPipeline(o.weights, { device: o.device, dtype: o.dtype });
-  const bar = progressBar('recipe |{bar}| {value}/{total} images | {variant} {stage}', o.progress ?? !!process.stderr.isTTY);
-  const failures: string[] = [];
   let written = 0;
+  let bar: cliProgress.SingleBar | null = null;
+  const uninstall = onInterrupt(o.out, () => bar, () => `${written} of ${t.todo.length} image(s) written to ${resolve(o.out)}`);
+  let pipeline: Pipeline;
+  try {
+    pipeline = await loadPipeline(o.weights, { device: o.device, dtype: o.dtype });
+  } catch (e) {
+    uninstall();
+    throw e;
+  }
+  bar = progressBar('recipe |{bar}| {value}/{total} images | {variant} {stage}', o.progress ?? !!process.stderr.isTTY);
+  const failures: string[] = [];
   let variants: string[] = [];
-  const uninstall = onInterrupt(o.out, bar, () => `${written} of ${t.todo.length} image(s) written to ${resolve(o.out)}`);
   const ac = new AbortController();
   bar?.start(t.todo.length, 0, { variant: '', stage: 'load' });
   let doneCount = 0;

@@ -179,21 +179,23 @@ test('Ctrl-C stops at once with exit 130, removes its temporary, restores the cu
     await copyFile(p, f);
     files.push(f);
   }
+  // SIGINT as soon as the first output exists (mid-run: 11 images still to go)
   let sent = false;
+  let poll: NodeJS.Timeout | undefined;
   const r = await runCli(['extract', ...COMMON, '--size', '128', '--layers', 'full', '--out', out, ...files], {
-    onStderr: (_text, child) => {
-      if (!sent) {
-        // the first image is being worked on once the output folder exists
-        void readdir(out).then(() => {
-          if (!sent) {
+    onSpawn: (child) => {
+      poll = setInterval(() => {
+        void readdir(out).then((names) => {
+          if (!sent && names.some((n) => n.endsWith('.safetensors') && !n.startsWith('.'))) {
             sent = true;
-            setTimeout(() => child.kill('SIGINT'), 1500);
+            child.kill('SIGINT');
           }
         }, () => undefined);
-      }
+      }, 50);
     },
   });
-  if (!sent) t.log('(the run finished before SIGINT could be sent)');
+  clearInterval(poll);
+  t.true(sent, 'SIGINT was sent mid-run');
   t.is(r.code, 130, r.stderr);
   t.regex(r.stderr, /interrupted \(SIGINT\): \d+ of 12 image\(s\) written/);
   t.regex(r.stderr, /Run the same command again to resume/);
@@ -214,15 +216,24 @@ test('SIGKILL mid-run leaves no output half-written; the next run completes', as
   const dir = await scratch(t);
   const out = join(dir, 'out');
   const files = ['chelsea', 'coffee', 'rocket', 'astronaut'].map((n) => join(IMAGES, `${n}.png`));
+  // SIGKILL as soon as the first output exists: later images may be half-way through a write
   let killed = false;
-  await runCli(['extract', ...COMMON, '--size', '128', '--layers', 'full', '--out', out, ...files], {
-    onStderr: (_s, child) => {
-      if (!killed) {
-        killed = true;
-        setTimeout(() => child.kill('SIGKILL'), 2500);
-      }
+  let poll: NodeJS.Timeout | undefined;
+  const k = await runCli(['extract', ...COMMON, '--size', '128', '--layers', 'full', '--out', out, ...files], {
+    onSpawn: (child) => {
+      poll = setInterval(() => {
+        void readdir(out).then((names) => {
+          if (!killed && names.some((n) => n.endsWith('.safetensors') && !n.startsWith('.'))) {
+            killed = true;
+            child.kill('SIGKILL');
+          }
+        }, () => undefined);
+      }, 20);
     },
   });
+  clearInterval(poll);
+  t.true(killed, 'SIGKILL was sent mid-run');
+  t.is(k.signal, 'SIGKILL');
   for (const n of await readdir(out).catch(() => [] as string[])) {
     if (n.endsWith('.safetensors') && !n.startsWith('.')) t.truthy(await SafetensorsFile.open(join(out, n)), `${n} is complete`);
   }

@@ -82,13 +82,14 @@ const NOISE = /^\(process:\d+\): GLib-GObject-CRITICAL.*$|^\s*$/;
  * Runs the CLI (lib/cli.ts through tsx) as a real child process. `onSpawn` gets the child (to send
  * signals). stderr is returned without GLib's noise lines.
  */
-export function runCli(args: string[], opts: { cwd?: string; timeoutMs?: number; onStderr?: (text: string, child: import('node:child_process').ChildProcess) => void } = {}): Promise<CliRun> {
+export function runCli(args: string[], opts: { cwd?: string; timeoutMs?: number; onStderr?: (text: string, child: import('node:child_process').ChildProcess) => void; onSpawn?: (child: import('node:child_process').ChildProcess) => void } = {}): Promise<CliRun> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args], {
       cwd: opts.cwd ?? ROOT,
       env: { ...process.env, FORCE_COLOR: '0' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
+    opts.onSpawn?.(child);
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));
