@@ -19,7 +19,8 @@
 #include "threads.h"
 
 // libuv's default loop is the main thread's: an env whose loop is another one is a worker_threads Worker.
-extern "C" struct uv_loop_s* uv_default_loop(void);
+// (weak: a host that does not export libuv gets the handler in its first env instead)
+extern "C" struct uv_loop_s* uv_default_loop(void) __attribute__((weak));
 
 namespace df {
 
@@ -304,8 +305,13 @@ Napi::Value OnProcessExit(const Napi::CallbackInfo& info) {
 }
 
 void RegisterExitHandler(Napi::Env env) {
-  uv_loop_s* loop = nullptr;
-  if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop != uv_default_loop()) return;  // a Worker
+  if (uv_default_loop != nullptr) {
+    uv_loop_s* loop = nullptr;
+    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop != uv_default_loop()) return;  // a Worker
+  } else {
+    static std::atomic<bool> registered{false};
+    if (registered.exchange(true)) return;
+  }
   Napi::Object process = env.Global().Get("process").As<Napi::Object>();
   Napi::Function on = process.Get("on").As<Napi::Function>();
   on.Call(process, {Napi::String::New(env, "exit"), Napi::Function::New(env, OnProcessExit, "diffusionFeaturesExit")});
