@@ -70,10 +70,22 @@ export {
   suggestLayerId,
   type AttentionCategory,
   type LayerSpec,
+  type ResolveLayerOptions,
   type PresetName,
 } from './layers.js';
-export { ClipTokenizer, type EncodeOptions } from './tokenizer.js';
-export { loadImage, MAX_IMAGE_SIZE, type LoadImageOptions, type LoadedImage, type ResampleMode } from './image.js';
+export { ClipTokenizer, MAX_PROMPT_LENGTH, type EncodeOptions } from './tokenizer.js';
+export {
+  loadImage,
+  setImageThreads,
+  MAX_IMAGE_SIZE,
+  DEFAULT_MAX_IMAGE_BYTES,
+  DEFAULT_MAX_PIXELS,
+  type LoadImageOptions,
+  type LoadedImage,
+  type ResampleMode,
+} from './image.js';
+// ---- output names and resume checks (what extract, recipe and the queue worker all follow)
+export { outputNameFor, outputPathFor, checkExistingOutput, SettingsMismatchError, type OutputFormat, type ExistingOutput } from './outputs.js';
 export { cannyImage, type CannyImage, type CannyOptions } from './control.js';
 
 // ---- LoRA
