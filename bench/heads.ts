@@ -95,6 +95,9 @@ export async function run(): Promise<string> {
     const nodeArgs = ['--import', 'tsx', join(ROOT, 'bench', 'heads.ts'), '--heads-child', data];
     const envs = { ...process.env, OMP_NUM_THREADS: String(threads()) };
     const ours = JSON.parse((await execFileAsync(process.execPath, nodeArgs, { cwd: ROOT, env: envs, maxBuffer: 1 << 20 })).stdout.trim().split('\n').pop()!) as Side;
+    // the same OpenMP wait policy the addon's loader sets for itself (binding/): spinning OpenMP threads
+    // starve OpenBLAS on a small machine (a first run without it measured the baseline ~10x slower)
+    process.env.OMP_WAIT_POLICY ??= 'PASSIVE';
     const base = JSON.parse((await py('heads_eager.py', [data, String(STEPS), String(MEMBERS), String(K), String(C), String(MASK)])).trim().split('\n').pop()!) as Side;
     const rows = [
       ['training throughput (pixels/s)', fmt(ours.pixels_per_s), fmt(base.pixels_per_s), fmt(ours.pixels_per_s / base.pixels_per_s)],
@@ -105,7 +108,7 @@ export async function run(): Promise<string> {
       [`segment 1 image, ${MEMBERS} members, ${MASK}² (s)`, fmt(ours.segment_s), fmt(base.segment_s), fmt(ours.segment_s / base.segment_s)],
     ];
     return [
-      `${I} images, ${K} buckets × ${C} channels at ${G}×${G}, masks ${MASK}×${MASK} (${I * MASK * MASK} training pixels), ${threads()} threads.`,
+      `${I} images, ${K} buckets × ${C} channels at ${G}×${G}, masks ${MASK}×${MASK} (${I * MASK * MASK} training pixels), ${threads()} threads, OMP_WAIT_POLICY=${process.env.OMP_WAIT_POLICY} for both.`,
       'ours: native fit loop (src/train.cc), features kept at their size, pixels interpolated on the fly;',
       'baseline: GATE\'s way in eager PyTorch (bench/py/heads_eager.py): all maps upsampled to the mask size first.',
       '',
