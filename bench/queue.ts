@@ -4,7 +4,7 @@
  *
  *   overhead   — the same images, each alone with its seed: baseline = in-process `extract` + atomic write
  *                of each image, one after the other, on a warm pipeline; ours = the same images as queue
- *                jobs (`enqueue` → an in-process `runWorker` on its own warm pipeline → `waitForJobs`),
+ *                jobs (`enqueue` → an in-process `runWorker` serving the same warm pipeline → `waitForJobs`),
  *                timed from enqueue to the last completion. Overhead per job = (ours − baseline) / images;
  *                ratio = ours / baseline (target < 1.05). The two sides alternate, best of
  *                BENCH_QUEUE_REPEATS (2), so load from other work on the machine hits both.
@@ -70,7 +70,8 @@ export async function run(): Promise<string> {
         return since(t0);
       };
       const qout = join(work, 'queued');
-      const worker = await runWorker({ redis: redis.url, weights, out: qout, devices: ['cpu'], dtype: 'float32', batchSize: 1 });
+      // the worker serves the same warm pipeline: both sides run the same model state, alternately
+      const worker = await runWorker({ redis: redis.url, weights, out: qout, pipelines: [pipe], batchSize: 1 });
       // warm the worker's pipeline with one job of other settings
       const w0 = await enqueue({ redis: redis.url, images: [imgs[0]!], extract: { ...opts, seed: 999 } });
       await waitForJobs({ redis: redis.url, jobs: w0.jobs });
@@ -105,6 +106,7 @@ export async function run(): Promise<string> {
         ),
         `overhead per job: ${fmt(perJobMs)} ms; ratio (ours / baseline): **${(bestQueued / bestDirect).toFixed(3)}** (target < 1.05)`,
       );
+      console.log(lines.join('\n'));
     }
     if (parts.includes('throughput')) {
       const rows: (string | number)[][] = [];
@@ -133,7 +135,7 @@ export async function run(): Promise<string> {
         const warm = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs.slice(0, workers), extract: { ...tpOpts, seed: 777 } });
         await waitForJobs({ redis: redis.url, queue: `tp${workers}`, jobs: warm.jobs, pollMs: 20 });
         const t0 = performance.now();
-        const r = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs, extract: tpOpts });
+        const r = await enqueue({ redis: redis.url, queue: `tp${workers}`, images: imgs, extract: { ...tpOpts, overwrite: true } });
         const w = await waitForJobs({ redis: redis.url, queue: `tp${workers}`, jobs: r.jobs, pollMs: 20 });
         const s = since(t0);
         for (const x of procs) x.p.kill('SIGTERM');

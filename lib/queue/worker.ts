@@ -40,8 +40,10 @@ export interface WorkerOptions {
   redis: RedisTarget;
   /** Queue name (default `diffusion-features`). */
   queue?: string;
-  /** Exported weights folder. */
+  /** Exported weights folder (ignored when `pipelines` is given). */
   weights: string;
+  /** Pipelines to serve instead of loading one per device (the caller keeps ownership: not disposed on close). */
+  pipelines?: readonly Pipeline[];
   /** Output folder (a shared volume across hosts). */
   out: string;
   /** One pipeline per device (default `['auto']`); `cuda:0,cuda:1` serves both from one process. */
@@ -219,7 +221,7 @@ export class FeatureWorker extends EventEmitter<FeatureWorkerEvents> {
         this.log(`close: ${(e as Error).message}`);
       }
       while (this.slots.some((s) => s.busy)) await new Promise((r) => setTimeout(r, 20));
-      for (const s of this.slots) s.pipeline.dispose();
+      if (!this.o.pipelines?.length) for (const s of this.slots) s.pipeline.dispose();
       if (this.ownRedis) this.redis.disconnect();
       this.markClosed();
     })();
@@ -592,6 +594,11 @@ export async function runWorker(o: WorkerOptions): Promise<FeatureWorker> {
   await mkdir(o.out, { recursive: true });
   const removed = await cleanStaleTemps(o.out);
   if (removed.length) o.log?.(`removed ${removed.length} stale temporary file(s) in ${o.out}`);
+  if (o.pipelines?.length) {
+    const w = new FeatureWorker(o, [...o.pipelines]);
+    w.start();
+    return w;
+  }
   const devices = o.devices?.length ? o.devices : (['auto'] as Device[]);
   const pipelines: Pipeline[] = [];
   try {
