@@ -1,6 +1,6 @@
 'use strict';
 /**
- * Finds the libtorch this process should use, at run time, in the documented order (DESIGN.md §1, §7):
+ * Finds the libtorch this process should use, at run time, in the documented order (README.md "CPU vs CUDA"):
  *
  *   1. LIBTORCH            an unpacked libtorch folder (LIBTORCH/lib)
  *   2. Torch_DIR           a folder holding TorchConfig.cmake (its prefix's lib/)

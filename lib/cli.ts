@@ -1,5 +1,5 @@
 /**
- * `diffusion-features` command line (DESIGN.md §3).
+ * `diffusion-features` command line (every command: README.md "CLI").
  *
  * @module
  */

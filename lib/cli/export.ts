@@ -1,5 +1,5 @@
 /**
- * `diffusion-features export …`: runs the exporter (`weights/export.py`, DESIGN.md §2) with the flags given,
+ * `diffusion-features export …`: runs the exporter (`weights/export.py`, README.md "Exporting real SD1.5 weights") with the flags given,
  * unchanged (`--from DIR|FILE.safetensors --out OUT [--components …] [--tokenizer DIR] [--config DIR]
  * [--dtype float32|float16] [--force] [--threads N]`; `export --help` prints the exporter's own help), with a
  * Python that can `import torch`: $PYTHON, then python3 on PATH (the active environment), then
