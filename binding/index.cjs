@@ -262,6 +262,8 @@ function testLoad(file, lt = libtorch.locate().found) {
 
 function configureThreads(m) {
   if (process.env.OMP_NUM_THREADS) return;
+  // Once per process: the setting is process-wide, and each call checks that the threads can start.
+  if (!require('node:worker_threads').isMainThread) return;
   const n = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
   if (n > 0) m.setNumThreads(n);
 }

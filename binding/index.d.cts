@@ -28,7 +28,7 @@ export interface RawParameterInfo { name: string; shape: number[]; dtype: RawDTy
 
 export interface RawModule {
   /** Arguments are converted by the method's TorchScript schema; raw tensors inside results are RawTensor. */
-  call(method: string, args: unknown[]): Promise<unknown>;
+  call(method: string, args: unknown[], cancel?: RawCancelToken | null): Promise<unknown>;
   methods(): string[];
   /** "forward(x: Tensor, n: int = 3) -> Tensor" */
   schema(method?: string): string;
@@ -43,10 +43,19 @@ export interface RawModule {
   dispose(): void;
 }
 
+/** An opaque native cancel flag: a queued job whose token is cancelled rejects at once and never runs. */
+export type RawCancelToken = { readonly __cancelToken: unique symbol };
+
 export interface RawAddon {
   RawTensor: RawTensorStatic;
   RawModule: { new (...args: never[]): RawModule };
-  loadModule(path: string, device: string, dtype: RawDType | null): Promise<RawModule>;
+  loadModule(path: string, device: string, dtype: RawDType | null, cancel?: RawCancelToken | null): Promise<RawModule>;
+  /** Upper bound of setNumThreads: max(256, 4 x cores). */
+  maxThreads(): number;
+  createCancelToken(): RawCancelToken;
+  cancel(token: RawCancelToken): void;
+  /** Torch-thread pool of this env: executors, threads started, jobs queued and running. */
+  workerStats(): { executors: number; started: number; queued: number; running: number };
   cudaAvailable(): boolean;
   deviceCount(): number;
   setNumThreads(n: number): void;

@@ -114,6 +114,7 @@ export {
   deviceCount,
   resolveDevice,
   setNumThreads,
+  maxThreads,
   getNumThreads,
   setJitOptimize,
   getJitOptimize,

@@ -25,7 +25,7 @@
  * @module
  */
 import { createRequire } from 'node:module';
-import type { RawAddon, RawDType, RawModule, RawTensor } from '../binding/index.cjs';
+import type { RawAddon, RawCancelToken, RawDType, RawModule, RawTensor } from '../binding/index.cjs';
 import { AbortError, DiffusionFeaturesError, throwIfAborted, type ErrorCode } from './errors.js';
 
 /** A device name. `'auto'` means `'cuda:0'` when CUDA is available, else `'cpu'`. */
@@ -51,20 +51,7 @@ const requireHere = createRequire(import.meta.url);
 let binding: BindingModule | undefined;
 let addonCache: Addon | undefined;
 
-/** An opaque native cancel flag (see {@link abortable}). */
-type RawCancelToken = { readonly __cancelToken: unique symbol };
-/** Functions of the addon not (yet) described in binding/index.d.cts. */
-interface AddonExtras {
-  maxThreads(): number;
-  createCancelToken(): RawCancelToken;
-  cancel(token: RawCancelToken): void;
-  workerStats(): { executors: number; started: number; queued: number; running: number };
-  loadModule(path: string, device: string, dtype: RawDType | null, cancel?: RawCancelToken | null): Promise<RawModule>;
-}
-interface RawModuleExtras {
-  call(method: string, args: unknown[], cancel?: RawCancelToken | null): Promise<unknown>;
-}
-type Addon = Omit<RawAddon, 'loadModule'> & AddonExtras;
+type Addon = RawAddon;
 
 /** The raw addon, loaded on first use (so importing the library never fails for lack of the binary). */
 function addon(): Addon {
@@ -579,7 +566,7 @@ export class ScriptModule {
    * the background and its result is disposed.
    */
   async invoke(method: string, args: readonly IValue[], opts: { signal?: AbortSignal } = {}): Promise<IValue> {
-    const raw = this.#live('call') as RawModule & RawModuleExtras;
+    const raw = this.#live('call');
     if (typeof method !== 'string') throw invalid('ScriptModule.call(method): method must be a string');
     if (!Array.isArray(args)) throw invalid('ScriptModule.invoke(method, args): args must be an array');
     const A = addon();
