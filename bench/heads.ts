@@ -1,5 +1,5 @@
 /**
- * Heads suite: GATE's pixel-classifier training (GATE_SPEC §8.3) natively (src/train.cc: pixels sampled
+ * Heads suite: GATE's pixel-classifier training (docs/method.md §Amalgamation and heads) natively (src/train.cc: pixels sampled
  * and features interpolated on the fly) vs the reference way in eager PyTorch (bench/py/heads_eager.py:
  * every feature map upsampled to the mask size, pixel vectors gathered, nn modules + torch.optim.Adam),
  * the same synthetic data and the same number of mini-batches of 64. Each side runs in its own process

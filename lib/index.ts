@@ -88,6 +88,32 @@ export {
 export { outputNameFor, outputPathFor, checkExistingOutput, SettingsMismatchError, type OutputFormat, type ExistingOutput } from './outputs.js';
 export { cannyImage, type CannyImage, type CannyOptions } from './control.js';
 
+// ---- GATE's trained heads (docs/heads.md): pixel-classifier ensembles that segment from features, and the
+// correspondence amalgamation network; trained natively through libtorch (no Python)
+export {
+  /** Trains GATE's label-scarce pixel classifier ensemble on feature files and label maps; writes one TorchScript head file. */
+  trainSegmenter,
+  /** A trained segmenter file loaded for use: label maps from feature files (dispose when done). */
+  Segmenter,
+  /** Segments every feature file of a folder (or the given files) and writes 8-bit label-map PNGs plus colour previews. */
+  segmentFiles,
+  /** Trains GATE's correspondence amalgamation network on feature files and keypoint pairs. */
+  trainAmalgamation,
+  /** A trained amalgamation network loaded for use: amalgamated features of an image (dispose when done). */
+  Amalgamator,
+  /** Mean intersection-over-union of predicted and true label maps (ignore = 255 left out). */
+  meanIoU,
+  /** Reads an 8-bit PNG or uint8 .npy label map. */
+  readMask,
+  type TrainSegmenterOptions,
+  type TrainSegmenterResult,
+  type SegmentFilesOptions,
+  type TrainAmalgamationOptions,
+  type TrainAmalgamationResult,
+  type TrainProgress,
+  type LabelMap,
+} from './heads/index.js';
+
 // ---- LoRA
 export {
   LoraManager,

@@ -108,7 +108,7 @@ test('few-shot segmentation with a known answer: mIoU > 0.95 on held-out images;
     const out = join(dir, 'seg.pt');
     const events: string[] = [];
     const r = await trainSegmenter({
-      features: task.feats, masks: task.masks, out, ensemble: 2, seed: 5, maxEpochs: 6, valMasks: task.valMasks,
+      features: task.feats, masks: task.masks, out, ensemble: 2, seed: 5, maxEpochs: 2, lr: 3e-3, valMasks: task.valMasks,
       onProgress: (p) => events.push(`${p.stage}:${p.member}`),
     });
     t.is(r.classes, 3);
@@ -220,7 +220,7 @@ test('bad input: clear errors naming the file, nothing written', async (t) => {
   }
 });
 
-test('label-map helpers: small classes ignored, mIoU as §8.3, .npy masks', (t) => {
+test('label-map helpers: small classes ignored, mIoU as docs/method.md, .npy masks', (t) => {
   const m: LabelMap = { data: Uint8Array.from([...Array(25).fill(1), ...Array(19).fill(2), 0, 255]), width: 46, height: 1 };
   const r = ignoreSmallClasses(m);
   t.is(r.data.filter((v) => v === 2).length, 0);
@@ -262,7 +262,7 @@ test('CLI: train-segmenter then segment --features write a head and label maps',
     const cli = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(root, 'lib/cli.ts'), ...args], { cwd: root, encoding: 'utf8' });
     const head = join(dir, 'h.pt');
     const tr = cli(['train-segmenter', '--features', task.feats, '--masks', task.masks, '--out', head, '--ensemble', '2', '--seed', '3',
-      '--epochs', '4', '--val-masks', task.valMasks, '--no-progress']);
+      '--epochs', '1', '--val-masks', task.valMasks, '--no-progress']);
     t.is(tr.status, 0, tr.stderr);
     const summary = JSON.parse(tr.stdout.trim().split('\n').pop()!) as { members: number; validation: { miou: number } };
     t.is(summary.members, 2);
@@ -312,7 +312,7 @@ test('amalgamation network: trains on keypoint pairs, reports PCK, is read back'
         const sy = 3 + Math.floor(rnd() * 4);
         const sx = 3 + Math.floor(rnd() * 4);
         // scene point (sy + dy_a, sx + dx_a) is at (sy + dy_a - dy_b, ...) in image b; 64-px images, 8-px cells;
-        // points 2 px into a cell: the cell both for training (rounded on the grid) and for §8.1 matching
+        // points 2 px into a cell: the cell both for training (rounded on the grid) and for the correspondence matcher
         const ty = sy + shifts[a]![0] - shifts[b]![0];
         const tx = sx + shifts[a]![1] - shifts[b]![1];
         if (ty < 0 || tx < 0 || ty >= G || tx >= G) continue;

@@ -1,5 +1,5 @@
 /**
- * GATE's trained heads on the command line (DESIGN.md §10): `train-segmenter`, `segment`,
+ * GATE's trained heads on the command line (docs/heads.md): `train-segmenter`, `segment`,
  * `train-amalgamation`. The training code (lib/heads) is imported only when one of them runs.
  *
  * `segment` from images takes every option of `extract` (the same commander options): it runs

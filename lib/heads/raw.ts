@@ -9,8 +9,8 @@ import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { RawDType, RawTensor } from '../../binding/index.cjs';
-import { nativeBuildInfo } from '../native.js';
-import { DiffusionFeaturesError, FileNotFoundError, type ErrorCode } from '../errors.js';
+import { NativeError, nativeBuildInfo } from '../native.js';
+import { DiffusionFeaturesError, FileNotFoundError } from '../errors.js';
 
 /** A progress event of a native fit (sent every `progressEvery` steps and at the end of every epoch). */
 export interface RawFitProgress {
@@ -79,10 +79,10 @@ const requireHere = createRequire(import.meta.url);
 function toError(err: unknown): Error {
   if (err instanceof DiffusionFeaturesError) return err;
   const code = typeof (err as { code?: unknown })?.code === 'string' ? (err as { code: string }).code : 'E_TORCH';
-  return new DiffusionFeaturesError(code as ErrorCode, err instanceof Error ? err.message : String(err), { cause: err });
+  return new NativeError(code, err instanceof Error ? err.message : String(err), { cause: err });
 }
 
-/** Runs a native call, converting its errors to {@link DiffusionFeaturesError}s with the native code. */
+/** Runs a native call, converting its errors to {@link NativeError}s (DiffusionFeaturesErrors) with the native code. */
 export async function nativeCall<T>(fn: () => Promise<T> | T): Promise<T> {
   try {
     return await fn();
@@ -97,7 +97,7 @@ export function headAddon(): RawHeadAddon {
   const binding = requireHere(findUp('binding/index.cjs')) as { load(): RawHeadAddon };
   const a = binding.load();
   if (typeof a.loadHead !== 'function') {
-    throw new DiffusionFeaturesError('E_NATIVE_LOAD', 'the loaded native addon has no trainable heads (rebuild it: npm run build:native)');
+    throw new NativeError('E_NATIVE_LOAD', 'the loaded native addon has no trainable heads (rebuild it: npm run build:native)');
   }
   return a;
 }

@@ -6,8 +6,8 @@ feature). One assigner shared over buckets — Conv3×3(C→A, pad 1, no bias) �
 Dropout(0.5) → global average pool → Linear(A→C) — gives per image and bucket one logit per channel;
 a per-channel softmax over the buckets weights their sum; the result is concatenated with the
 pass-through channels, optionally followed by Conv3×3(C+E→C+E, no bias) (setting `conv`; `nn`: none).
-Training loss: symmetric CLIP-style cross-entropy between the keypoints of a pair (§8.1), with the
-sparsity regulariser of §8.3. Parameter shapes are set at run time by `configure`.
+Training loss: symmetric CLIP-style cross-entropy between the keypoints of a pair (docs/method.md §Correspondence), with the
+sparsity regulariser of docs/method.md §Amalgamation and heads. Parameter shapes are set at run time by `configure`.
 """
 from typing import Dict, List, Tuple
 
@@ -60,7 +60,7 @@ class Amalgamation(common.HeadBase):
 
     @torch.jit.export
     def init_rule(self, name: str) -> Tuple[str, float]:
-        """Conv/Linear weights N(0, 0.02), biases 0 (as §8.3), BatchNorm weight 1, running var 1."""
+        """Conv/Linear weights N(0, 0.02), biases 0 (docs/method.md §Amalgamation and heads), BatchNorm weight 1, running var 1."""
         if name in ['conv_w', 'fc_w', 'out_w']:
             return 'normal', 0.02
         if name in ['bn_w', 'bn_rv']:

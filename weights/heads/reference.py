@@ -117,7 +117,7 @@ class PixelClassifierRef(nn.Module):
 
 
 class SparsityWalk:
-    """The sparsity coefficient's random walk of §8.3 (same rule as weights/heads/common.py:walk)."""
+    """The sparsity coefficient's random walk (docs/method.md §Amalgamation and heads) (same rule as weights/heads/common.py:walk)."""
 
     def __init__(self, period=5, delta=1e-5, decay=0.9, accept=0.05):
         self.s = self.s_last = self.record = 0.0
