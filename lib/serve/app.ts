@@ -1,5 +1,5 @@
 /**
- * The production HTTP front (DESIGN.md §9), on fastify:
+ * The production HTTP front (docs/scale-out.md, "The service"), on fastify:
  *
  * - `POST /v1/extract`: the image as the body (any content type but JSON and multipart) or as the
  *   file part of a multipart upload; options in the query string, or as the JSON field `options` of
@@ -28,14 +28,14 @@ import multipart from '@fastify/multipart';
 import sharp, { type Metadata } from 'sharp';
 import type { Redis } from 'ioredis';
 import type { Device } from '../native.js';
-import { DiffusionFeaturesError, isDiffusionFeaturesError } from '../errors.js';
+import { AbortError, InvalidArgumentError, isDiffusionFeaturesError } from '../errors.js';
 import { loadPipeline, type Pipeline } from '../pipeline/index.js';
 import { encodeFeatures } from '../io/features.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { outputPathFor } from '../outputs.js';
 import { pathExists } from '../queue/job.js';
 import { ServiceMetrics } from './metrics.js';
-import { optionsSchema, extractOptionsOf, jobOptionsOf, type ServiceOptions } from './options.js';
+import { optionsSchema, extractOptionsOf, jobOptionsOf, typedOptions, type ServiceOptions } from './options.js';
 
 /** Options of {@link createServer}. */
 export interface ServerOptions {
@@ -108,7 +108,7 @@ class Gate {
             const i = this.waiting.indexOf(entry);
             if (i >= 0) {
               this.waiting.splice(i, 1);
-              fail(new DiffusionFeaturesError('E_ABORTED', 'client went away while waiting'));
+              fail(new AbortError('client went away while waiting'));
             }
           },
           { once: true },
@@ -132,9 +132,9 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
   const maxQueue = o.maxQueue ?? 8;
   const retryAfter = o.retryAfterSeconds ?? 5;
   const schema = optionsSchema(o.maxSize ?? 1024);
-  if (o.redis && (!o.spool || !o.out)) throw new DiffusionFeaturesError('E_INVALID_ARGUMENT', 'serve with --redis needs --spool DIR (uploads the workers can read) and --out DIR (the workers\' output folder)');
+  if (o.redis && (!o.spool || !o.out)) throw new InvalidArgumentError('serve with --redis needs --spool DIR (uploads the workers can read) and --out DIR (the workers\' output folder)');
   const ownPipeline = !o.pipeline;
-  if (!o.pipeline && !o.weights) throw new DiffusionFeaturesError('E_INVALID_ARGUMENT', 'createServer: give weights or a pipeline');
+  if (!o.pipeline && !o.weights) throw new InvalidArgumentError('createServer: give weights or a pipeline');
   const pipeline = o.pipeline ?? (await loadPipeline(o.weights!, { device: o.device ?? 'auto', dtype: o.dtype ?? 'auto' }));
   const gate = new Gate();
   let admitted = 0;
@@ -160,7 +160,8 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
     requestTimeout: 120_000,
     return503OnClosing: true,
     forceCloseConnections: 'idle',
-    ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', allErrors: false } },
+    // no coercion: query strings become numbers and booleans in typedOptions (strict decimal)
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
   });
   await app.register(multipart, { limits: { fileSize: maxBody, files: 1, fields: 4, fieldSize: 64 * 1024, parts: 6, headerPairs: 100 } });
   // Any body that is not JSON or multipart is the image itself.
@@ -234,6 +235,7 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
           } catch {
             throw new HttpError(400, 'E_INVALID_ARGUMENT', 'the options field is not valid JSON');
           }
+          options = typedOptions(options, schema);
         } else throw new HttpError(400, 'E_INVALID_ARGUMENT', `unknown form field (expected a file and 'options')`);
       }
       if (!image?.length) throw new HttpError(400, 'E_INVALID_ARGUMENT', 'no image in the form');
@@ -259,18 +261,22 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
   };
 
   const routeSchema = { querystring: schema };
+  /** Strict typing of the query before the schema sees it (a bad number is a 400 naming the option). */
+  const typeQuery = async (req: FastifyRequest): Promise<void> => {
+    req.query = typedOptions(req.query, schema);
+  };
 
-  app.post('/v1/extract', { schema: routeSchema, onRequest: (req, reply) => admit(req, reply, true) }, async (req, reply) => {
+  app.post('/v1/extract', { schema: routeSchema, onRequest: (req, reply) => admit(req, reply, true), preValidation: typeQuery }, async (req, reply) => {
     const abort = new AbortController();
     reply.raw.once('close', () => {
-      if (!reply.raw.writableFinished) abort.abort(new DiffusionFeaturesError('E_ABORTED', 'client disconnected'));
+      if (!reply.raw.writableFinished) abort.abort(new AbortError('client disconnected'));
     });
     const { image, options } = await readUpload(req);
     await checkPixels(image);
     const opts = extractOptionsOf(options);
     const onProgress = metrics.stageTimer();
     const bytes = await gate.run(abort.signal, async () => {
-      if (abort.signal.aborted) throw new DiffusionFeaturesError('E_ABORTED', 'client disconnected');
+      if (abort.signal.aborted) throw new AbortError('client disconnected');
       const [f] = await pipeline.extract([{ name: 'upload', data: image }], { ...opts, signal: abort.signal, onProgress });
       try {
         return encodeFeatures(f!);
@@ -288,7 +294,7 @@ export async function createServer(o: ServerOptions): Promise<FeatureServer> {
     const { extractJobSettings, settingsKey } = jobMod;
     const idParams = { type: 'object', properties: { id: { type: 'string', pattern: '^df-[0-9a-f]{48}$' } }, required: ['id'] };
 
-    app.post('/v1/jobs', { schema: routeSchema, onRequest: (req, reply) => admit(req, reply, false) }, async (req, reply) => {
+    app.post('/v1/jobs', { schema: routeSchema, onRequest: (req, reply) => admit(req, reply, false), preValidation: typeQuery }, async (req, reply) => {
       const { image, options } = await readUpload(req);
       await checkPixels(image);
       const settings = await extractJobSettings(jobOptionsOf(options));

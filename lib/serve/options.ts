@@ -6,9 +6,14 @@
  * digits, `_` and `-`, comma-separated; no `.`, `/` or `\`), and it reaches the pipeline as an id
  * array, which is never read as a layer-config path. LoRA and noise files are not service options.
  *
+ * Numbers are strict: {@link typedOptions} turns query strings into numbers with the CLI's decimal
+ * parsers (lib/cli/args.ts: no `0x40`, `1e3` for integers, `''` or whitespace), within the schema's
+ * range; the schema is then checked without type coercion.
+ *
  * @module
  */
 import { InvalidArgumentError } from '../errors.js';
+import { floatArg, intArg } from '../cli/args.js';
 import type { ExtractOptions } from '../pipeline/index.js';
 import { MAX_PROMPT_CHARS, type ExtractJobOptions } from '../queue/job.js';
 
@@ -55,6 +60,43 @@ export function optionsSchema(maxSize: number): Record<string, unknown> {
       aggregate: { type: 'boolean' },
     },
   };
+}
+
+interface PropSchema {
+  type?: string;
+  minimum?: number;
+  maximum?: number;
+}
+
+/**
+ * The options of a request as typed values, for the schema of {@link optionsSchema}: a string for an
+ * integer or number option must be a plain decimal within the option's range (else
+ * `E_INVALID_ARGUMENT` naming the option), `true`/`false` become booleans, an option given twice is
+ * refused; everything else is left as it is for the schema to judge. Returns a new object.
+ */
+export function typedOptions(raw: unknown, schema: Record<string, unknown>): unknown {
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) return raw;
+  const props = (schema.properties ?? {}) as Record<string, PropSchema>;
+  const out: Record<string, unknown> = {};
+  for (const [key, v] of Object.entries(raw as Record<string, unknown>)) {
+    const prop = Object.hasOwn(props, key) ? props[key] : undefined;
+    if (Array.isArray(v)) throw new InvalidArgumentError(`${key}: give it once`);
+    if (typeof v !== 'string' || !prop) {
+      out[key] = v;
+      continue;
+    }
+    const min = prop.minimum ?? -Number.MAX_SAFE_INTEGER;
+    const max = prop.maximum ?? Number.MAX_SAFE_INTEGER;
+    try {
+      if (prop.type === 'integer') out[key] = intArg(key, min, max)(v);
+      else if (prop.type === 'number') out[key] = floatArg(key, min, max)(v);
+      else if (prop.type === 'boolean') out[key] = v === 'true' ? true : v === 'false' ? false : v;
+      else out[key] = v;
+    } catch (e) {
+      throw new InvalidArgumentError((e as Error).message, { cause: e });
+    }
+  }
+  return out;
 }
 
 /** The layer spec as an id array (presets expand later); a string spec would be tried as a file. */

@@ -75,13 +75,34 @@ test.serial('hostile options and bodies get 4xx JSON errors, never 5xx, never fi
   t.true(f.float32('up-level0-upsampler-out').every(Number.isFinite));
 });
 
-// Known finding (lib/serve, issue 13's file): the query schema coerces hex strings, so `size=0x40` is
-// served as size 64 and `t=0x10` as t 16, where the CLI and the API refuse them. `test.failing`
-// keeps it visible: this test starts failing (and must become a plain test) once serve refuses them.
-test.serial.failing('serve refuses hex numbers in the query (size=0x40, t=0x10) — known, see lib/serve/options.ts', async (t) => {
+// Numbers in the query are strict decimal, as on the CLI: hex, exponents, fractions for integers,
+// blanks and repeated options are refused with a 400 naming the option; plain decimals still work.
+test.serial('serve refuses non-decimal numbers in the query (size=0x40, t=0x10, 1e1, " 64", repeated)', async (t) => {
   const png = await readFile(join(IMAGES, 'chelsea.png'));
-  for (const query of ['size=0x40', 'size=64&t=0x10']) {
+  const bad: [string, RegExp][] = [
+    ['size=0x40', /size/],
+    ['size=64&t=0x10', /\bt\b/],
+    ['size=64&t=1e1', /\bt\b/],
+    ['size=64&t=10.0', /\bt\b/],
+    ['size=%2064', /size/],
+    ['size=64&seed=0b11', /seed/],
+    ['size=64&controlScale=0x1', /controlScale/],
+    ['size=64&controlScale=Infinity', /controlScale/],
+    ['size=64&attention=1', /attention/],
+    ['size=64&size=128', /size/],
+  ];
+  for (const [query, names] of bad) {
     const r = await post(query, png);
     t.is(r.status, 400, `${query}: ${r.status}`);
+    t.regex((JSON.parse(r.text) as { error: string }).error, names, query);
   }
+  // multipart options are typed the same way
+  const form = new FormData();
+  form.append('options', JSON.stringify({ size: '0x40' }));
+  form.append('image', new Blob([png]), 'chelsea.png');
+  const m = await fetch(`${url}/v1/extract`, { method: 'POST', body: form });
+  t.is(m.status, 400);
+  await m.arrayBuffer();
+  const ok = await post('size=64&t=10&seed=3&attention=false', png);
+  t.is(ok.status, 200, ok.text.slice(0, 200));
 });
