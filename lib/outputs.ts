@@ -16,9 +16,11 @@
  *   {@link SettingsMismatchError} (`E_SETTINGS_MISMATCH`, naming the file and each difference) or
  *   `E_INVALID_FILE` (something is there that is not an output of this package).
  * - `tempPathFor(path: string): string` — a fresh temporary path next to `path`, named
- *   `.<base>.df-tmp-<pid>-<random>` so that {@link cleanStaleTemps} can recognise it.
+ *   `.<base>.df-tmp-<host>-<pid>-<random>` so that {@link cleanStaleTemps} can recognise it.
  * - `cleanStaleTemps(dir: string, opts?: { maxAgeMs?: number }): Promise<string[]>` — removes the
- *   temporaries of dead processes (or older than `maxAgeMs`, default 30 min) in `dir`; returns them.
+ *   temporaries of dead processes of this host (or of any host once older than `maxAgeMs`, default
+ *   30 min) in `dir`; returns them.
+ * - `comparable(settings)` — the recorded settings an existing output must match (all but `device`).
  * - `replaceOutputDir(tmpDir: string, path: string): Promise<void>` — moves a finished npy output folder
  *   into place, removing an existing one only when it provably is an output of this package.
  * - `removeOwnTempsSync(dir: string): string[]` — synchronously removes this process's temporaries in
@@ -28,6 +30,7 @@
  * @module
  */
 import { randomBytes, createHash } from 'node:crypto';
+import { hostname } from 'node:os';
 import { lstatSync, readdirSync, rmdirSync, unlinkSync } from 'node:fs';
 import { lstat, open, readdir, readFile, rename, rm, rmdir, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, extname, join, relative, resolve, isAbsolute, sep } from 'node:path';
@@ -133,18 +136,64 @@ export function outputPathFor(outDir: string, name: string, format: OutputFormat
   return path;
 }
 
-/** A fresh temporary path next to `path`: `.<base>.df-tmp-<pid>-<random>` (recognised by {@link cleanStaleTemps}). */
+/** Settings compared on resume: everything recorded except the device (CPU and CUDA outputs mix). */
+export function comparable(settings: Record<string, string>): Record<string, string> {
+  const { device: _device, ...rest } = settings;
+  return rest;
+}
+
+/**
+ * `raw` as a host tag of temporary names: letters, digits, `_` and inner `-` only, at most 24
+ * characters; a host name that had to be changed or cut keeps a short hash of itself, so distinct
+ * hosts keep distinct tags.
+ */
+export function hostTag(raw: string): string {
+  const clean = raw.replace(/[^A-Za-z0-9-]/g, '_').replace(/^-+|-+$/g, '_');
+  if (clean && clean === raw && clean.length <= 24) return clean;
+  const hash = createHash('sha256').update(raw).digest('hex').slice(0, 6);
+  return `${clean.slice(0, 17)}_${hash}`;
+}
+
+let thisHost: string | undefined;
+
+/** The {@link hostTag} of this machine. */
+export function localHostTag(): string {
+  return (thisHost ??= hostTag(hostname()));
+}
+
+/**
+ * A fresh temporary path next to `path`: `.<base>.df-tmp-<host>-<pid>-<random>` (recognised by
+ * {@link cleanStaleTemps}; the host tag lets workers on a shared volume tell their own temporaries
+ * from another host's).
+ */
 export function tempPathFor(path: string): string {
-  const base = truncateUtf8(basename(path), 200);
-  return join(dirname(path), `.${base}${TEMP_MARK}${process.pid}-${randomBytes(6).toString('hex')}`);
+  const base = truncateUtf8(basename(path), 190);
+  return join(dirname(path), `.${base}${TEMP_MARK}${localHostTag()}-${process.pid}-${randomBytes(6).toString('hex')}`);
+}
+
+/** Who created a temporary: its host tag and pid. `host` is undefined for names of earlier releases (`.df-tmp-<pid>-<random>`). */
+export interface TempOwner {
+  host?: string;
+  pid: number;
+}
+
+/** The creator of a temporary named by {@link tempPathFor}, or undefined for any other name. */
+export function tempOwner(name: string): TempOwner | undefined {
+  const m = /^\..*\.df-tmp-(?:([A-Za-z0-9_-]{1,24})-)?(\d{1,10})-[0-9a-f]{12}$/su.exec(name);
+  if (!m) return undefined;
+  const pid = Number(m[2]);
+  if (!Number.isSafeInteger(pid) || pid <= 0) return undefined;
+  return m[1] === undefined ? { pid } : { host: m[1], pid };
 }
 
 /** The pid that created a temporary named by {@link tempPathFor}, or undefined for any other name. */
 export function tempOwnerPid(name: string): number | undefined {
-  const m = /^\..*\.df-tmp-(\d{1,10})-[0-9a-f]{12}$/su.exec(name);
-  if (!m) return undefined;
-  const pid = Number(m[1]);
-  return Number.isSafeInteger(pid) && pid > 0 ? pid : undefined;
+  return tempOwner(name)?.pid;
+}
+
+/** Whether a temporary was made on this host (names of earlier releases carry no host: taken as local). */
+function isLocal(owner: TempOwner): boolean {
+  return owner.host === undefined || owner.host === localHostTag();
 }
 
 function pidAlive(pid: number): boolean {
@@ -158,8 +207,9 @@ function pidAlive(pid: number): boolean {
 }
 
 /**
- * Removes the temporaries {@link tempPathFor} names in `dir` whose process is gone, or that are older
- * than `maxAgeMs` (default 30 min; a pid can be reused, or belong to another host on a shared volume).
+ * Removes the temporaries {@link tempPathFor} names in `dir` that were made on this host by a process
+ * that is gone, and any temporary older than `maxAgeMs` (default 30 min; a pid can be reused). A
+ * temporary of another host (a shared volume) is never judged by its pid, only by its age.
  * Only entries whose name matches the temporary pattern are touched; a temporary folder is removed
  * only when it holds nothing but plain files. Errors on single entries are ignored (another process may
  * clean the same folder). Returns the removed paths.
@@ -175,13 +225,13 @@ export async function cleanStaleTemps(dir: string, opts: { maxAgeMs?: number } =
   const removed: string[] = [];
   const now = Date.now();
   for (const name of names) {
-    const pid = tempOwnerPid(name);
-    if (pid === undefined) continue;
+    const owner = tempOwner(name);
+    if (owner === undefined) continue;
     const path = join(dir, name);
     try {
       const st = await lstat(path);
       const old = now - st.mtimeMs > maxAge;
-      if (pidAlive(pid) && !old) continue;
+      if (!old && (!isLocal(owner) || pidAlive(owner.pid))) continue;
       if (st.isFile() || st.isSymbolicLink()) await unlink(path);
       else if (st.isDirectory()) await removeFlatDir(path);
       else continue;
@@ -355,7 +405,8 @@ export function removeOwnTempsSync(dir: string): string[] {
     return removed;
   }
   for (const name of names) {
-    if (tempOwnerPid(name) !== process.pid) continue;
+    const owner = tempOwner(name);
+    if (owner?.pid !== process.pid || !isLocal(owner)) continue;
     const path = join(dir, name);
     try {
       const st = lstatSync(path);

@@ -4,7 +4,7 @@
  * Outputs are compared bit for bit with an in-process extract of each image alone.
  */
 import test from 'ava';
-import { mkdtemp, rm, writeFile, readdir, readFile } from 'node:fs/promises';
+import { mkdtemp, mkdir, rm, writeFile, readdir, readFile, utimes } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +17,7 @@ import { loadPipeline, type Pipeline } from '../lib/pipeline/index.js';
 import { encodeFeatures } from '../lib/io/features.js';
 import { extractJobSettings, jobFor, canonicalJson, checkJobData } from '../lib/queue/job.js';
 import { enqueue } from '../lib/queue/enqueue.js';
+import { cleanStaleTemps, hostTag, localHostTag, removeOwnTempsSync, tempOwner, tempPathFor } from '../lib/outputs.js';
 
 const WEIGHTS = process.env.DF_TEST_WEIGHTS ?? join(ROOT, 'models', 'micro');
 const FIXTURES = join(ROOT, 'test', 'fixtures', 'images');
@@ -119,6 +120,36 @@ test.serial('job ids: the same bytes and settings are one job; layer spellings, 
   t.throws(() => checkJobData({ ...j1.data, image: 'relative.png' }), { message: /absolute/ });
 });
 
+test('stale temporaries on a shared volume: pid decides on this host only; another host\'s only by age', async (t) => {
+  const out = join(dir, 'temps');
+  await mkdir(out, { recursive: true });
+  const other = hostTag(localHostTag() === 'otherhost' ? 'otherhost2' : 'otherhost');
+  const name = (host: string | undefined, pid: number, n: number) => `.img${n}.safetensors.df-tmp-${host === undefined ? '' : `${host}-`}${pid}-${'0123456789a'}${n}`;
+  const localDead = name(localHostTag(), 999999, 1);
+  const localAlive = name(localHostTag(), process.pid, 2);
+  const otherRecent = name(other, 999999, 3); // dead pid here, but it may be alive over there
+  const otherOld = name(other, 999999, 4);
+  const legacyDead = name(undefined, 999999, 5); // earlier releases: no host, judged as local
+  const notOurs = '.img6.safetensors.df-tmp-nothex';
+  for (const f of [localDead, localAlive, otherRecent, otherOld, legacyDead, notOurs]) await writeFile(join(out, f), 'partial');
+  await utimes(join(out, otherOld), new Date(0), new Date(0));
+  const removed = (await cleanStaleTemps(out)).map((p) => p.slice(out.length + 1)).sort();
+  t.deepEqual(removed, [localDead, otherOld, legacyDead].sort());
+  t.deepEqual((await readdir(out)).sort(), [localAlive, otherRecent, notOurs].sort());
+  // only this process's temporaries of this host go in the synchronous exit cleanup
+  await writeFile(join(out, name(other, process.pid, 7)), 'partial');
+  t.deepEqual(removeOwnTempsSync(out).map((p) => p.slice(out.length + 1)), [localAlive]);
+  // names: recognisable, host tag sanitised and short, distinct hosts stay distinct
+  const tmp = tempPathFor(join(out, 'x.safetensors'));
+  t.deepEqual(tempOwner(tmp.slice(out.length + 1)), { host: localHostTag(), pid: process.pid });
+  t.regex(hostTag('gpu-07.cluster.example.org'), /^[A-Za-z0-9_-]{1,24}$/);
+  t.not(hostTag('a.b'), hostTag('a_b'));
+  t.is(hostTag('node-3'), 'node-3');
+  t.is(tempOwner(`.x.df-tmp-node-12-345-0123456789ab`)?.pid, 345);
+  t.is(tempOwner(`.x.df-tmp-node-12-345-0123456789ab`)?.host, 'node-12');
+  await rm(out, { recursive: true, force: true });
+});
+
 test.serial('3 workers, 37 jobs, one worker SIGKILLed while it holds a job: every output once, bit-identical; broken images fail with reasons; duplicates run once', async (t) => {
   const redis = await startRedis();
   const out = join(dir, 'out-kill');
@@ -127,7 +158,7 @@ test.serial('3 workers, 37 jobs, one worker SIGKILLed while it holds a job: ever
     // a stale temporary of a dead writer: removed when a worker starts
     await rm(out, { recursive: true, force: true });
     await (await import('node:fs/promises')).mkdir(out, { recursive: true });
-    await writeFile(join(out, '.img-0-0.safetensors.df-tmp-999999-0123456789ab'), 'half a file');
+    await writeFile(join(out, `.img-0-0.safetensors.df-tmp-${localHostTag()}-999999-0123456789ab`), 'half a file');
 
     ws.push(worker(redis, out), worker(redis, out), worker(redis, out));
     await Promise.all(ws.map((w) => w.waitFor(/ready:/, 180_000)));

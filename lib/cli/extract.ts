@@ -15,7 +15,7 @@ import { readNoiseFile, writeFeatures, writeFeaturesNpy, writeRecipeResult } fro
 import { extractRecipe, getRecipe } from '../recipes.js';
 import { DiffusionFeaturesError, InvalidArgumentError, isDiffusionFeaturesError } from '../errors.js';
 import {
-  checkExistingOutput, cleanStaleTemps, outputNameFor, outputPathFor, removeOwnTempsSync, SettingsMismatchError,
+  checkExistingOutput, cleanStaleTemps, comparable, outputNameFor, outputPathFor, removeOwnTempsSync, SettingsMismatchError,
   type OutputFormat,
 } from '../outputs.js';
 import { Tensor, type Device } from '../native.js';
@@ -89,12 +89,6 @@ function namesOf(images: readonly string[]): string[] | 2 {
     names.push(name);
   }
   return names;
-}
-
-/** Settings compared on resume: everything recorded except the device (CPU and CUDA outputs mix). */
-function comparable(settings: Record<string, string>): Record<string, string> {
-  const { device: _device, ...rest } = settings;
-  return rest;
 }
 
 /**
