@@ -1,5 +1,5 @@
 /**
- * Scale-out commands (DESIGN.md §8): `worker`, `enqueue`, `queue-status`. The queue code (BullMQ,
+ * Scale-out commands (docs/scale-out.md): `worker`, `enqueue`, `queue-status`. The queue code (BullMQ,
  * ioredis) is imported only when one of them runs, so other commands do not load it.
  *
  * `enqueue` takes every option of `extract` (the same commander options, so the two never drift)

@@ -1,5 +1,5 @@
 /**
- * `serve` (DESIGN.md §9): the fastify service. fastify, prom-client and (with `--redis`) BullMQ are
+ * `serve` (docs/scale-out.md, "The service"): the fastify service. fastify, prom-client and (with `--redis`) BullMQ are
  * imported only when it runs.
  *
  * @module

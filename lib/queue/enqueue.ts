@@ -7,7 +7,7 @@
  */
 import type { Redis } from 'ioredis';
 import type { JobsOptions } from 'bullmq';
-import { InvalidArgumentError, DiffusionFeaturesError } from '../errors.js';
+import { AbortError, InvalidArgumentError, DiffusionFeaturesError } from '../errors.js';
 import {
   jobFor,
   extractJobSettings,
@@ -231,7 +231,7 @@ export async function waitForJobs(o: WaitOptions): Promise<WaitResult> {
     const failedKey = q.toKey('failed');
     const activeKey = q.toKey('active');
     while (pending.size) {
-      if (o.signal?.aborted) throw new DiffusionFeaturesError('E_ABORTED', 'waiting aborted', { cause: o.signal.reason });
+      if (o.signal?.aborted) throw new AbortError('waiting aborted', { cause: o.signal.reason });
       const ids = [...pending];
       let active = 0;
       try {

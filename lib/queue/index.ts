@@ -1,5 +1,5 @@
 /**
- * Scale-out over BullMQ on Redis (DESIGN.md §8): enqueue extraction work from anywhere, run workers
+ * Scale-out over BullMQ on Redis (docs/scale-out.md): enqueue extraction work from anywhere, run workers
  * in-process or as `diffusion-features worker`, follow jobs to the end.
  *
  * @module

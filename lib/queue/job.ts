@@ -1,6 +1,6 @@
 /**
  * Scale-out jobs: what one queued job holds, its canonical settings, and the job id derived from the
- * image bytes and those settings (DESIGN.md §8).
+ * image bytes and those settings (docs/scale-out.md, "What a job is").
  *
  * A job never carries feature bytes or file contents, only paths as the workers see them plus the
  * SHA-256 of every file it names (image, LoRA files, noise file): a worker refuses a file whose bytes
@@ -24,7 +24,7 @@ import { RECIPES } from '../recipes.js';
 /** Version of the job data layout; a worker rejects other versions with a clear reason. */
 export const JOB_VERSION = 1;
 
-/** Default BullMQ queue name (DESIGN.md §8). */
+/** Default BullMQ queue name. */
 export const DEFAULT_QUEUE = 'diffusion-features';
 
 /** A file a job names, with the SHA-256 of its bytes at enqueue time. */
@@ -339,7 +339,11 @@ async function hashRef(file: string, what: string): Promise<FileRef> {
     const { sha256 } = await readJobFile(abs, { hashOnly: true });
     return { file: abs, sha256 };
   } catch (e) {
-    if (e instanceof DiffusionFeaturesError) throw new DiffusionFeaturesError(e.code, `${what}: ${e.message}`, { cause: e });
+    if (e instanceof DiffusionFeaturesError) {
+      // keep the typed error (class, code, file); say which reference it is
+      e.message = `${what}: ${e.message}`;
+      throw e;
+    }
     throw e;
   }
 }

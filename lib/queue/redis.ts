@@ -58,7 +58,7 @@ export function redisError(url: string, e: unknown): DiffusionFeaturesError {
   if (e instanceof DiffusionFeaturesError) return e;
   const msg = e instanceof Error ? e.message : String(e);
   const safe = redactUrl(url);
-  return new DiffusionFeaturesError('E_INVALID_ARGUMENT', `Redis at ${safe}: ${msg}`, { cause: e });
+  return new InvalidArgumentError(`Redis at ${safe}: ${msg}`, { cause: e });
 }
 
 /** `url` without its password (for messages and logs). */
