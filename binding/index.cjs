@@ -19,7 +19,7 @@
  *    verdict is cached on disk (binding/libtorch.cjs cacheDir()), keyed by the binary's and the libtorch's
  *    identity (path, size, mtime) and Node's major version, so the ~0.5 s check runs once, not on every start.
  *    DIFFUSION_FEATURES_SKIP_LOAD_CHECK=1 skips it.
- * 4. libtorch is loaded from the folder found ([torch_global_deps,] c10, torch_cpu, [c10_cuda, torch_cuda], torch; RTLD_GLOBAL,
+ * 4. libtorch is loaded from the folder found ([torch_global_deps (RTLD_GLOBAL),] c10, torch_cpu, [c10_cuda, torch_cuda], torch; RTLD_LOCAL,
  *    RTLD_NODELETE), then the addon: its NEEDED entries resolve to the libraries already loaded, so no binary
  *    needs an RPATH or LD_LIBRARY_PATH.
  * Nothing found: a NativeLoadError (code E_NATIVE_LOAD) listing everything tried and how to fix it.
@@ -180,18 +180,24 @@ function candidates() {
 const RTLD_NODELETE = process.platform === 'linux' ? 0x1000 : 0;
 
 /**
- * Loads libtorch's libraries (paths from libtorch.describe().libs) into this process with RTLD_GLOBAL, in
- * dependency order, and keeps them loaded. process.dlopen reports "did not self-register" for a library
- * that is not a Node addon; that is expected and ignored (RTLD_NODELETE keeps the library after Node's
- * dlclose). Any other failure (a missing dependency of libtorch, e.g. libcudart) is thrown.
+ * Loads libtorch's libraries (paths from libtorch.describe().libs) into this process, in dependency order,
+ * and keeps them loaded. The addon's NEEDED entries then resolve to these (glibc matches loaded libraries by
+ * soname whatever their scope), so no binary needs an RPATH. Only libtorch_global_deps (a CUDA torch's
+ * cublas/cudnn/... loader) goes in the global scope, as Python torch does it; the others stay RTLD_LOCAL:
+ * Debian's libtorch_cpu pulls in the system GLib/GObject, and in the global scope those would interpose
+ * on the GLib that sharp's libvips carries (thousands of GLib-GObject-CRITICAL lines, objects of one GLib
+ * handed to the other). process.dlopen reports "did not self-register" for a library that is not a Node
+ * addon; that is expected and ignored (RTLD_NODELETE keeps the library after Node's dlclose). Any other
+ * failure (a missing dependency of libtorch, e.g. libcudart) is thrown.
  */
 function preload(libs) {
   if (!libs) return;
-  const { RTLD_LAZY, RTLD_GLOBAL } = os.constants.dlopen;
+  const { RTLD_LAZY, RTLD_GLOBAL, RTLD_LOCAL } = os.constants.dlopen;
   for (const n of ['torch_global_deps', 'c10', 'torch_cpu', 'c10_cuda', 'torch_cuda', 'torch']) {
     if (!libs[n]) continue;
     try {
-      process.dlopen({ exports: {} }, libs[n], RTLD_LAZY | RTLD_GLOBAL | RTLD_NODELETE);
+      const scope = n === 'torch_global_deps' ? RTLD_GLOBAL : RTLD_LOCAL;
+      process.dlopen({ exports: {} }, libs[n], RTLD_LAZY | scope | RTLD_NODELETE);
     } catch (err) {
       if (!/did not self-register/.test(String(err && err.message))) throw err;
     }
