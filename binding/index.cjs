@@ -251,6 +251,7 @@ function testLoad(file, lt = libtorch.locate().found) {
     } else {
       const env = { ...process.env };
       if (env.OMP_WAIT_POLICY === undefined) env.OMP_WAIT_POLICY = 'PASSIVE';
+      if (env.OPENBLAS_NUM_THREADS === undefined) env.OPENBLAS_NUM_THREADS = '1';
       const r = spawnSync(process.execPath, ['-e', childCode(file, lt && lt.libs)], { encoding: 'utf8', timeout: 300000, env });
       const m = /\n@@DF (.*)\n/.exec(r.stdout || '');
       if (r.status === 0 && m) {
@@ -318,6 +319,14 @@ function load() {
       // parallel region) fights OpenBLAS's own threads for the cores: passive waiting measured ~2x faster
       // on BLAS-bound modules and ~5-10% on the SD1.5 UNet (2-core CPU). A value set by the user wins.
       if (process.env.OMP_WAIT_POLICY === undefined) process.env.OMP_WAIT_POLICY = 'PASSIVE';
+      // OpenBLAS's pthread build (Debian's libopenblas0-pthread) shuts its thread pool down in a fork()
+      // handler. A fork (any child_process call of the host) while a GEMM runs on a torch thread then hangs
+      // the whole process: the handler joins a pool thread that waits for work which never comes, or the
+      // GEMM waits for pool threads that are gone (reproduced: a forward loop beside a spawn loop hung 3 of
+      // 3 runs within a minute; 0 hangs with one BLAS thread). libtorch still parallelises through OpenMP;
+      // one BLAS thread cost ~14% on a GEMM-bound MLP on 2 cores. Read by OpenBLAS when libtorch loads it;
+      // a value set by the user wins (at that risk).
+      if (process.env.OPENBLAS_NUM_THREADS === undefined) process.env.OPENBLAS_NUM_THREADS = '1';
       preload(c.libtorch.libs);
       const m = require(c.file);
       configureThreads(m);
