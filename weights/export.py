@@ -22,6 +22,8 @@ if __package__ in (None, ""):  # run as `python3 weights/export.py`
 
 import torch
 
+from weights.jit_sources import relative_source_names  # noqa: E402
+
 FORMAT_VERSION = 1
 ALL_COMPONENTS = ("unet", "vae", "text_encoder", "controlnet")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -413,6 +415,7 @@ def _script_and_save(name: str, module: torch.nn.Module, path: str, dtype: torch
     for p in module.parameters():
         p.requires_grad_(False)
     try:
+        relative_source_names()
         scripted = torch.jit.script(module)
     except Exception as e:
         raise ExportError(f"{name}: torch.jit.script failed: {e}") from e

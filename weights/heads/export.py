@@ -19,6 +19,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from weights.heads import amalgamation, common, pixel_classifier  # noqa: E402
+from weights.jit_sources import relative_source_names  # noqa: E402
 
 # file name -> (script function, source files)
 HEADS: Dict[str, List[object]] = {
@@ -31,29 +32,8 @@ def source_sha256(name: str) -> str:
     return common.source_sha256([os.path.join(HERE, f) for f in HEADS[name][1]])  # type: ignore[index]
 
 
-def _relative_source_names() -> None:
-    """TorchScript records each function's source file in the saved debug info: record it relative to the
-    repository (weights/heads/common.py), so a template does not embed the exporting machine's paths."""
-    import torch._jit_internal
-    import torch._sources
-    import torch.jit.frontend
-    orig = torch._sources.get_source_lines_and_file
-    if getattr(orig, '_relative', False):
-        return
-
-    def relative(obj, error_msg=None):  # type: ignore[no-untyped-def]
-        lines, lineno, filename = orig(obj, error_msg)
-        if filename and os.path.isabs(filename) and filename.startswith(ROOT + os.sep):
-            filename = os.path.relpath(filename, ROOT)
-        return lines, lineno, filename
-
-    relative._relative = True  # type: ignore[attr-defined]
-    for mod in (torch._sources, torch._jit_internal, torch.jit.frontend):
-        mod.get_source_lines_and_file = relative  # type: ignore[attr-defined]
-
-
 def save(out_dir: str) -> List[str]:
-    _relative_source_names()
+    relative_source_names()
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, (fn, _) in HEADS.items():
