@@ -169,10 +169,19 @@ class ProgressSink {
         o.Set("seconds", ev->seconds);
         fn.Call({o});
       } catch (const Napi::Error& err) {
-        // A throwing progress callback stops the run; the fit rejects with its message.
+        // A throwing progress callback stops the run; the fit rejects with its message. (Reading the
+        // message can itself fail while a Worker is terminated: nothing may leave this callback.)
+        std::string msg;
+        try {
+          msg = err.Message();
+        } catch (...) {
+          msg = "(message unavailable)";
+        }
         std::lock_guard<std::mutex> lock(*cbMu);
-        if (cbError->empty()) *cbError = "onProgress threw: " + err.Message();
+        if (cbError->empty()) *cbError = "onProgress threw: " + msg;
         abort->store(true);
+      } catch (...) {
+        abort->store(true);  // the env is stopping
       }
     });
     if (s != napi_ok) delete data;

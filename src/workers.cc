@@ -258,9 +258,21 @@ void Drain(Napi::Env env, const std::shared_ptr<EnvChannel>& ch) {
     ch->signalled = false;
   }
   for (auto& job : batch) {
-    Deliver(env, *job);
+    // A Worker being terminated still drains: N-API then refuses JS work (napi_pending_exception) and
+    // node-addon-api throws. Nothing may leave this callback (node-addon-api would rethrow it as a JS
+    // exception, which fails the same way, and std::terminate would end the process); nobody waits
+    // for these promises any more, so the result is dropped.
+    try {
+      Deliver(env, *job);
+    } catch (...) {
+    }
     job.reset();
-    if (--ch->pending == 0) ch->tsfn.Unref(env);
+    if (--ch->pending == 0) {
+      try {
+        ch->tsfn.Unref(env);
+      } catch (...) {
+      }
+    }
   }
 }
 

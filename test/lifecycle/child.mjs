@@ -36,6 +36,20 @@ async function churn(A, dir, kind, rand) {
   }
 }
 
+/** Calls that fail on the torch thread (a wrong input shape), many in flight: delivery builds rejections. */
+async function rejects(A, dir) {
+  const conv = await A.loadModule(join(dir, 'conv.pt'), 'cpu', null);
+  const bad = await A.RawTensor.randn([1, 5, 8, 8], 2n, 'cpu', null);
+  let first = true;
+  for (;;) {
+    const calls = Array.from({ length: 16 }, () => conv.call('forward', [bad]).then(() => 'resolved', (e) => e.code));
+    const codes = await Promise.all(calls);
+    if (codes.some((c) => c !== 'E_TORCH')) { console.error('unexpected outcome', codes); process.exit(7); }
+    if (first) parentPort.postMessage('rejecting');
+    first = false;
+  }
+}
+
 async function main() {
   const [scenario, seedArg, dir] = process.argv.slice(2);
   const rand = rng(seedArg);
@@ -51,6 +65,23 @@ async function main() {
       for (const w of workers) w.on('error', (e) => { console.error('worker error', e); process.exitCode = 3; });
       await Promise.all(workers.map(async (w) => { await delay(rand() * 1500); await w.terminate(); }));
       // The main thread still works afterwards.
+      const m = await A.loadModule(join(dir, 'conv.pt'), 'cpu', null);
+      await m.call('forward', [await A.RawTensor.randn([1, 3, 8, 8], 3n, 'cpu', null)]);
+      console.log('ok');
+      return;
+    }
+    case 'worker-terminate-rejections': {
+      // Rounds of Workers terminated while their failed calls are being delivered (rejections are
+      // built in the drain callback of an env that N-API already refuses: must not std::terminate).
+      for (let round = 0; round < 6; round++) {
+        const workers = Array.from({ length: 3 }, () => new Worker(fileURLToPath(import.meta.url), { workerData: { dir, kind: 'reject' }, env: process.env }));
+        for (const w of workers) w.on('error', (e) => { console.error('worker error', e); process.exitCode = 3; });
+        await Promise.all(workers.map(async (w) => {
+          await new Promise((r) => w.once('message', r));
+          await delay(rand() * 40);
+          await w.terminate();
+        }));
+      }
       const m = await A.loadModule(join(dir, 'conv.pt'), 'cpu', null);
       await m.call('forward', [await A.RawTensor.randn([1, 3, 8, 8], 3n, 'cpu', null)]);
       console.log('ok');
@@ -121,10 +152,14 @@ async function main() {
       const workers = [];
       for (let i = 0; i < 24; i++) {
         A.setNumThreads(1 + Math.floor(rand() * 3));
-        if (i % 12 === 0) workers.push(new Worker(fileURLToPath(import.meta.url), { workerData: { dir, seed: i, kind: 'load-once' }, env: process.env }));
+        if (i % 12 === 0) {
+          // listen for 'exit' at once: a Worker that finishes its loads during this loop emits it only once
+          const w = new Worker(fileURLToPath(import.meta.url), { workerData: { dir, seed: i, kind: 'load-once' }, env: process.env });
+          workers.push(new Promise((r, j) => { w.on('exit', r); w.on('error', j); }));
+        }
         await delay(rand() * 30);
       }
-      await Promise.all(workers.map((w) => new Promise((r) => w.on('exit', r))));
+      await Promise.all(workers);
       stop.done = true;
       await fwd;
       console.log('ok');
@@ -144,6 +179,8 @@ if (isMainThread) {
   if (kind === 'load-once') {
     Promise.all(['unet.pt', 'text_encoder.pt'].map((f) => A.loadModule(micro(f), 'cpu', null)))
       .then((ms) => { for (const m of ms) m.dispose(); parentPort.postMessage('loaded'); });
+  } else if (kind === 'reject') {
+    rejects(A, dir).catch(() => {});
   } else {
     if (exitAfter !== undefined) setTimeout(() => process.exit(0), exitAfter);
     churn(A, dir, kind, rng(seed)).catch(() => {});
