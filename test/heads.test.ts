@@ -330,6 +330,7 @@ test('amalgamation network: trains on keypoint pairs, reports PCK, is read back'
     t.is(r.buckets, 3);
     t.is(r.channels, 5);
     t.is(r.extra, 2);
+    t.is(r.weighting, 'channel');
     t.is(r.steps, 15 * 12);
     t.truthy(r.validation);
     t.log(`loss ${r.firstEpochLoss.toFixed(3)} -> ${r.lastEpochLoss.toFixed(3)}, PCK img ${r.validation!.pckImg.toFixed(3)}`);
@@ -347,6 +348,21 @@ test('amalgamation network: trains on keypoint pairs, reports PCK, is read back'
       t.is(py.status, 0, py.stderr);
       t.is(py.stdout.trim(), '3 5 2 [1, 7, 8, 8]');
     }
+    // the paper's variant: one weight per image and bucket (Linear(A→1)); Python reads it
+    const outScalar = join(dir, 'amal-scalar.pt');
+    const rs = await trainAmalgamation({ features: feats, pairs, out: outScalar, epochs: 3, lr: 1e-2, seed: 1, weighting: 'scalar' });
+    t.is(rs.weighting, 'scalar');
+    t.is(rs.steps, 3 * 12);
+    const ams = await Amalgamator.load(outScalar);
+    t.deepEqual((await ams.amalgamateFile(join(feats, 'im1.safetensors'))).shape, [7, G, G]);
+    ams.dispose();
+    if (python) {
+      const py = spawnSync(python, ['-c', `import torch; m = torch.jit.load(${JSON.stringify(outScalar)}); print(m.scalar_weights, list(m.fc_w.shape), list(m.fc_b.shape))`], { encoding: 'utf8' });
+      t.is(py.status, 0, py.stderr);
+      t.is(py.stdout.trim(), '1 [1, 128] [1]');
+    }
+    await t.throwsAsync(() => trainAmalgamation({ features: feats, pairs, out: join(dir, 'w.pt'), weighting: 'pixel' as 'scalar' }), { code: 'E_INVALID_ARGUMENT', message: /weighting must be 'channel' or 'scalar', got "pixel"/ });
+    t.false(existsSync(join(dir, 'w.pt')));
     // a pair without image sizes
     await writeFile(join(pairs, 'zz.json'), JSON.stringify({ source_path: 'im0.jpg', target_path: 'im1.jpg', source_points: [[1, 1]], target_points: [[1, 1]] }));
     await t.throwsAsync(() => trainAmalgamation({ features: feats, pairs, out: join(dir, 'x.pt') }), { code: 'E_INVALID_FILE', message: /zz\.json: needs the image sizes/ });

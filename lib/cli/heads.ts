@@ -216,17 +216,18 @@ export function registerHeadCommands(program: Command): void {
     .option('--lr <x>', 'AdamW learning rate', positiveFloat('--lr'), 5e-4)
     .option('--weight-decay <x>', 'AdamW weight decay', positiveFloat('--weight-decay'), 0.01)
     .option('--output-conv', "GATE's `conv` setting: an output Conv3×3 after the mix")
+    .addOption(new Option('--weighting <mode>', "channel: a softmax over the buckets per channel (GATE's code); scalar: one weight per bucket (the paper's Eq. 3-4)").choices(['channel', 'scalar']).default('channel'))
     .option('--seed <n>', 'seed', intIn('--seed', 0, 2 ** 31), 0)
     .addOption(new Option('--device <device>', 'cpu | cuda | cuda:N | auto').default('cpu'))
     .option('--no-progress', 'no progress bar')
-    .action(async (o: { features: string; pairs: string; out: string; valPairs?: string; epochs: number; maxSteps?: number; lr: number; weightDecay: number; outputConv?: boolean; seed: number; device: Device; progress: boolean }) => {
+    .action(async (o: { features: string; pairs: string; out: string; valPairs?: string; epochs: number; maxSteps?: number; lr: number; weightDecay: number; outputConv?: boolean; weighting: 'channel' | 'scalar'; seed: number; device: Device; progress: boolean }) => {
       const { trainAmalgamation } = await import('../heads/index.js');
       const bar = trainBar(o.progress && process.stderr.isTTY, 'train-amalgamation');
       const intr = interruptSignal();
       try {
         const r = await trainAmalgamation({
           features: o.features, pairs: o.pairs, out: o.out, valPairs: o.valPairs, epochs: o.epochs, maxSteps: o.maxSteps, lr: o.lr,
-          weightDecay: o.weightDecay, outputConv: !!o.outputConv, seed: o.seed, device: o.device,
+          weightDecay: o.weightDecay, outputConv: !!o.outputConv, weighting: o.weighting, seed: o.seed, device: o.device,
           onProgress: bar ? (p) => bar.update(p) : undefined, signal: intr.signal,
         });
         bar?.stop();

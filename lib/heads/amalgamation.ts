@@ -1,6 +1,6 @@
 /**
- * GATE's correspondence amalgamation network (per-channel softmax over feature buckets, symmetric
- * CLIP-style loss): {@link trainAmalgamation} trains it natively on keypoint pairs, {@link Amalgamator}
+ * GATE's correspondence amalgamation network (per-channel softmax over feature buckets, or the paper's
+ * one weight per bucket; symmetric CLIP-style loss): {@link trainAmalgamation} trains it natively on keypoint pairs, {@link Amalgamator}
  * applies it. See docs/heads.md and docs/method.md §Amalgamation and heads.
  *
  * @module
@@ -34,6 +34,11 @@ export interface TrainAmalgamationOptions {
   maxSteps?: number;
   /** GATE's `conv` setting: an output Conv3×3 after the mix (default false: the `nn` setting). */
   outputConv?: boolean;
+  /**
+   * How the buckets are weighted: `'channel'` (default, GATE's code: a softmax over the buckets per image and
+   * channel) or `'scalar'` (the paper's Eq. 3–4: one weight per image and bucket). docs/method.md.
+   */
+  weighting?: 'channel' | 'scalar';
   seed?: number;
   device?: Device;
   onProgress?: (p: TrainProgress) => void;
@@ -56,6 +61,8 @@ export interface TrainAmalgamationResult {
   buckets: number;
   channels: number;
   extra: number;
+  /** How the buckets were weighted (see {@link TrainAmalgamationOptions.weighting}). */
+  weighting: 'channel' | 'scalar';
   validation?: { pairs: number; keypoints: number; pckImg: number; pckBbox?: number };
 }
 
@@ -96,6 +103,10 @@ export async function trainAmalgamation(opts: TrainAmalgamationOptions): Promise
   const device = resolveDevice(opts.device ?? 'cpu');
   const seed = opts.seed ?? 0;
   const epochs = positiveInt(opts.epochs, 2, 'epochs');
+  const weighting = opts.weighting ?? 'channel';
+  if (weighting !== 'channel' && weighting !== 'scalar') {
+    throw new InvalidArgumentError(`weighting must be 'channel' or 'scalar', got ${JSON.stringify(String(weighting)).slice(0, 40)}`);
+  }
   const progress = (p: Partial<TrainProgress> & Pick<TrainProgress, 'stage'>) =>
     opts.onProgress?.({ member: 0, members: 1, epoch: 0, step: 0, loss: NaN, bestLoss: NaN, seconds: (performance.now() - t0) / 1000, ...p });
   checkSignal(opts.signal, 'trainAmalgamation');
@@ -150,6 +161,7 @@ export async function trainAmalgamation(opts: TrainAmalgamationOptions): Promise
     head = await nativeCall(() => A.loadHead(templatePath('amalgamation'), device));
     await nativeCall(() => head!.configure({
       buckets: [main.buckets.length], channels: [main.channels], extra: [extra], grid: [gh, gw], output_conv: [opts.outputConv ? 1 : 0],
+      scalar_weights: [weighting === 'scalar' ? 1 : 0],
     }, seed));
     data.push(A.RawTensor.fromTypedArray(pairT, [pairs.length, 2], 'int64'), A.RawTensor.fromTypedArray(kps, [pairs.length, kmax, 2], 'int64'),
       A.RawTensor.fromTypedArray(counts, [pairs.length], 'int64'));
@@ -182,7 +194,7 @@ export async function trainAmalgamation(opts: TrainAmalgamationOptions): Promise
     const summary = {
       pairs: pairs.length, images: images.length, steps: r.steps, epochs: r.epochs, lastLoss: r.losses[r.losses.length - 1] ?? NaN,
       firstEpochLoss: mean(r.losses.subarray(0, pairs.length)), lastEpochLoss: mean(r.losses.subarray(Math.max(0, r.losses.length - pairs.length))),
-      seconds: r.seconds, buckets: main.buckets.length, channels: main.channels, extra,
+      seconds: r.seconds, buckets: main.buckets.length, channels: main.channels, extra, weighting,
     };
     await mkdir(dirname(resolve(opts.out)), { recursive: true });
     await nativeCall(() => head!.save(opts.out, JSON.stringify({ kind: 'gate-amalgamation', seed, ...summary, validation })));

@@ -6,6 +6,8 @@ feature). One assigner shared over buckets — Conv3×3(C→A, pad 1, no bias) �
 Dropout(0.5) → global average pool → Linear(A→C) — gives per image and bucket one logit per channel;
 a per-channel softmax over the buckets weights their sum; the result is concatenated with the
 pass-through channels, optionally followed by Conv3×3(C+E→C+E, no bias) (setting `conv`; `nn`: none).
+Setting scalar_weights (the paper's Eq. 3–4 instead of the code's per-channel weights): Linear(A→1), one weight
+per image and bucket, softmax over the buckets.
 Training loss: symmetric CLIP-style cross-entropy between the keypoints of a pair (docs/method.md §Correspondence), with the
 sparsity regulariser of docs/method.md §Amalgamation and heads. Parameter shapes are set at run time by `configure`.
 """
@@ -30,6 +32,7 @@ class Amalgamation(common.HeadBase):
         self.extra = 0
         self.assigner_hidden = 1
         self.output_conv = 0
+        self.scalar_weights = 0
         self.grid: List[int] = [1, 1]
         self.temperature = 0.07
         z = torch.zeros(1)
@@ -41,7 +44,7 @@ class Amalgamation(common.HeadBase):
     @torch.jit.export
     def configure(self, cfg: Dict[str, List[int]]) -> Dict[str, List[int]]:
         """cfg: buckets [K], channels [C], extra [E], grid [h, w] (feature size); optional assigner_hidden [A]
-        (128), output_conv [0|1]."""
+        (128), output_conv [0|1], scalar_weights [0|1] (the paper's one weight per bucket; default 0: per channel)."""
         k = cfg['buckets'][0]
         c = cfg['channels'][0]
         e = cfg['extra'][0] if 'extra' in cfg else 0
@@ -52,10 +55,12 @@ class Amalgamation(common.HeadBase):
         self.extra = e
         self.assigner_hidden = cfg['assigner_hidden'][0] if 'assigner_hidden' in cfg else 128
         self.output_conv = cfg['output_conv'][0] if 'output_conv' in cfg else 0
+        self.scalar_weights = cfg['scalar_weights'][0] if 'scalar_weights' in cfg else 0
         self.grid = cfg['grid']
         a = self.assigner_hidden
         d = c + e
-        return {'conv_w': [a, c, 3, 3], 'bn_w': [a], 'bn_b': [a], 'fc_w': [c, a], 'fc_b': [c],
+        w = 1 if self.scalar_weights != 0 else c
+        return {'conv_w': [a, c, 3, 3], 'bn_w': [a], 'bn_b': [a], 'fc_w': [w, a], 'fc_b': [w],
                 'out_w': [d, d, 3, 3] if self.output_conv != 0 else [0], 'bn_rm': [a], 'bn_rv': [a]}
 
     @torch.jit.export
@@ -87,7 +92,7 @@ class Amalgamation(common.HeadBase):
             if self.training and noise.numel() > 0:
                 h = common.dropout(h, noise[j], self.dropout_p)
             logits.append(F.linear(h.mean([2, 3]), self.fc_w, self.fc_b))
-        wts = torch.softmax(torch.stack(logits, 1), dim=1)  # [B, K, C]
+        wts = torch.softmax(torch.stack(logits, 1), dim=1)  # [B, K, C] (scalar_weights: [B, K, 1])
         r = x[:, :k * c].reshape(b, k, c, x.size(2), x.size(3))
         fused = (wts.unsqueeze(3).unsqueeze(4) * r).sum(1)
         if self.extra > 0:

@@ -141,9 +141,10 @@ class TestPixelClassifier(unittest.TestCase):
 
 
 class TestAmalgamation(unittest.TestCase):
-    def make(self, k=3, c=5, e=2, conv=0):
+    def make(self, k=3, c=5, e=2, conv=0, scalar=0):
         m = amalgamation.script()
-        shapes = m.configure({'buckets': [k], 'channels': [c], 'extra': [e], 'grid': [4, 4], 'output_conv': [conv]})
+        shapes = m.configure({'buckets': [k], 'channels': [c], 'extra': [e], 'grid': [4, 4], 'output_conv': [conv],
+                              'scalar_weights': [scalar]})
         g = torch.Generator().manual_seed(0)
         for name, shape in shapes.items():
             kind, v = m.init_rule(name)
@@ -161,6 +162,22 @@ class TestAmalgamation(unittest.TestCase):
         same = torch.cat([x[:, :5]] * 3 + [x[:, 15:]], 1)
         self.assertLess((m(same)[:, :5] - x[:, :5]).abs().max().item(), 1e-5)
         self.assertEqual(list(self.make(conv=1)(x).shape), [2, 7, 4, 4])
+
+    def test_scalar_weights_are_one_weight_per_bucket(self):
+        # buckets of constant value b + 1: a per-bucket weight gives the same mix in every channel, the
+        # code's per-channel weights (random N(0, 0.02) assigner) do not
+        x = torch.cat([torch.full((2, 5, 4, 4), float(b + 1)) for b in range(3)] + [torch.randn(2, 2, 4, 4)], 1)
+        for scalar in (0, 1):
+            m = self.make(scalar=scalar)
+            self.assertEqual(list(m.fc_w.shape), [1 if scalar else 5, 128])
+            m.eval()
+            f = m(x)[:, :5]
+            spread = (f - f[:, :1]).abs().max().item()
+            if scalar:
+                self.assertLess(spread, 1e-6)
+            else:
+                self.assertGreater(spread, 1e-4)
+            self.assertTrue(bool(((f > 1) & (f < 3)).all()))  # a convex mix of 1, 2, 3
 
     def test_symmetric_clip_loss(self):
         m = self.make(e=2)
