@@ -170,7 +170,7 @@ const { parentPort, workerData } = require('node:worker_threads');
 const abort = new Int32Array(workerData.abort);
 const core = (${imageCore.toString()})(require(${JSON.stringify(sharpPath)}), abort);
 parentPort.on('message', (m) => {
-  core.decodeResize(new Uint8Array(m.bytes), m.size, m.resample, m.maxPixels).then(
+  core.decodeResize(m.bytes instanceof Uint8Array ? m.bytes : new Uint8Array(m.bytes), m.size, m.resample, m.maxPixels).then(
     (r) => parentPort.postMessage({ ok: true, data: r.data, width: r.width, height: r.height }, [r.data.buffer]),
     (e) => parentPort.postMessage({ ok: false, kind: e && e.kind || 'decode', message: String(e && e.message || e) }),
   );
@@ -255,7 +255,12 @@ class ImagePool {
         job.signal.addEventListener('abort', job.onAbort, { once: true });
       }
       slot.worker.ref();
-      // a caller's buffer is never transferred (it would be detached under them): copied instead
+      // Bytes in shared memory (e.g. serve's request bodies) are read by the worker in place; a caller's
+      // ArrayBuffer is never transferred (it would be detached under them): copied instead.
+      if (job.bytes.buffer instanceof SharedArrayBuffer) {
+        slot.worker.postMessage({ bytes: job.bytes, size: job.size, resample: job.resample, maxPixels: job.maxPixels });
+        continue;
+      }
       const whole = job.bytes.byteOffset === 0 && job.bytes.byteLength === job.bytes.buffer.byteLength && job.bytes.buffer instanceof ArrayBuffer;
       const bytes = job.owned && whole ? (job.bytes.buffer as ArrayBuffer) : new Uint8Array(job.bytes).buffer; // (Buffer#slice does not copy)
       slot.worker.postMessage({ bytes, size: job.size, resample: job.resample, maxPixels: job.maxPixels }, [bytes]);

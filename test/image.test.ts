@@ -367,6 +367,18 @@ test('off-thread decoding gives the same bytes as on-thread, for every resampler
   const n = own.length;
   await loadImage(own, 64, { offThread: true });
   t.is(own.length, n);
+  // bytes in shared memory (serve's request bodies) are read by the worker in place: same result, and
+  // the shared bytes are untouched
+  const shared = Buffer.from(new SharedArrayBuffer(n));
+  shared.set(own);
+  const viaShared = await loadImage(shared, 96, { offThread: true });
+  const viaCopy = await loadImage(own, 96, { offThread: false });
+  t.is(firstDiff(viaShared.data, viaCopy.data), '');
+  t.true(Buffer.from(own).equals(shared));
+  // a view into the middle of a shared buffer
+  const wide = new Uint8Array(new SharedArrayBuffer(n + 10));
+  wide.set(own, 5);
+  t.is(firstDiff((await loadImage(wide.subarray(5, 5 + n), 96, { offThread: true })).data, viaCopy.data), '');
   // errors come back typed from the worker too
   await t.throwsAsync(loadImage(new TextEncoder().encode('nope'), 64, { offThread: true, name: 'x' }), { instanceOf: ImageDecodeError, message: /^x: cannot decode/ });
 });
