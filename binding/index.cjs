@@ -36,7 +36,7 @@ const root = path.join(__dirname, '..');
 const platformDir = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
 const PREBUILD_RE = /^diffusion-features\.torch-(\d+\.\d+)\.(cpu|cu\d+|cuda)\.napi\.node$/;
 const LOCAL_BUILD = path.join(root, 'build', 'Release', 'diffusion_features.node');
-const VERDICT_FORMAT = 1;
+const VERDICT_FORMAT = 2; // 2: Bun's message for a non-addon library is accepted by preload()
 
 const verdicts = new Map(); // identity key -> verdict (same object on repeated calls)
 let addon = null;
@@ -186,10 +186,15 @@ const RTLD_NODELETE = process.platform === 'linux' ? 0x1000 : 0;
  * cublas/cudnn/... loader) goes in the global scope, as Python torch does it; the others stay RTLD_LOCAL:
  * Debian's libtorch_cpu pulls in the system GLib/GObject, and in the global scope those would interpose
  * on the GLib that sharp's libvips carries (thousands of GLib-GObject-CRITICAL lines, objects of one GLib
- * handed to the other). process.dlopen reports "did not self-register" for a library that is not a Node
- * addon; that is expected and ignored (RTLD_NODELETE keeps the library after Node's dlclose). Any other
+ * handed to the other). process.dlopen reports "did not self-register" (Bun: "symbol
+ * 'napi_register_module_v1' not found") for a library that is not a Node addon; that is expected and ignored (RTLD_NODELETE keeps the library after Node's dlclose). Any other
  * failure (a missing dependency of libtorch, e.g. libcudart) is thrown.
  */
+function notAnAddon(err) {
+  // Node: "Module did not self-register"; Bun: "symbol 'napi_register_module_v1' not found in native module"
+  return /did not self-register|symbol 'napi_register_module_v1' not found/.test(String(err && err.message));
+}
+
 function preload(libs) {
   if (!libs) return;
   const { RTLD_LAZY, RTLD_GLOBAL, RTLD_LOCAL } = os.constants.dlopen;
@@ -199,7 +204,7 @@ function preload(libs) {
       const scope = n === 'torch_global_deps' ? RTLD_GLOBAL : RTLD_LOCAL;
       process.dlopen({ exports: {} }, libs[n], RTLD_LAZY | scope | RTLD_NODELETE);
     } catch (err) {
-      if (!/did not self-register/.test(String(err && err.message))) throw err;
+      if (!notAnAddon(err)) throw err;
     }
   }
 }
@@ -354,6 +359,6 @@ function loadedInfo() {
 }
 
 module.exports = {
-  load, binaryPath, loadedInfo, candidates, plan, prebuilds, testLoad, preload, sourceHash, failureMessage,
+  load, binaryPath, loadedInfo, candidates, plan, prebuilds, testLoad, preload, notAnAddon, sourceHash, failureMessage,
   explain, NativeLoadError, PREBUILD_RE, LOCAL_BUILD, libtorch,
 };

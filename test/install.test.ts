@@ -11,6 +11,7 @@ import { createHash } from 'node:crypto';
 import { appendFileSync, chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { createRequire } from 'node:module';
 
 const ROOT = join(import.meta.dirname, '..');
 const BINDING = join(ROOT, 'binding', 'index.cjs');
@@ -218,4 +219,12 @@ test('DIFFUSION_FEATURES_TORCH_DIRECT=1 makes CMake link libtorch directly (no T
   t.regex(r.stdout, /diffusion-features: libtorch \S+ found via .*, linked directly/);
   const side = JSON.parse(readFileSync(join(out, 'diffusion_features.libtorch.json'), 'utf8'));
   t.true(String(side.torchVersion).startsWith(realFound.short), JSON.stringify(side));
+});
+
+test('preload: a libtorch library is not an addon, and both Node\'s and Bun\'s wording of that are accepted; other errors are not', (t) => {
+  const { notAnAddon } = createRequire(import.meta.url)(BINDING) as { notAnAddon(e: unknown): boolean };
+  t.true(notAnAddon(new Error('Module did not self-register: \'/usr/lib/x86_64-linux-gnu/libtorch_cpu.so.1.13\'.')));
+  t.true(notAnAddon(new TypeError("symbol 'napi_register_module_v1' not found in native module. Is this a Node API (napi) module?")));
+  t.false(notAnAddon(new Error('libcudart.so.12: cannot open shared object file: No such file or directory')));
+  t.false(notAnAddon(undefined));
 });
